@@ -1,0 +1,68 @@
+"""csrc/attention.cu compiles on its own with nvcc for sm_80 and sm_90 (no GPU needed).
+
+One nvcc call builds both architectures (about 1-1.5 min on 2 busy cores). Besides success it
+checks what the compiler reports: no warnings (host -Wall included), no register spills or stack
+frames in any kernel (local memory would make the kernels much slower), and the three C entry
+points of csrc/attention_cuda.h exported with C linkage. Whether the kernels compute the right
+numbers is tests/test_attention_op.py's job, on a machine with a GPU.
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH: install the CUDA toolkit to compile csrc/attention.cu")
+    obj = tmp_path_factory.mktemp("nvcc") / "attention.o"
+    cmd = [NVCC, "-c", "-std=c++17", "-O3",
+           "-gencode", "arch=compute_80,code=sm_80",
+           "-gencode", "arch=compute_90,code=sm_90",
+           "-Xcompiler", "-Wall", "-Xptxas", "-v",
+           str(ROOT / "csrc" / "attention.cu"), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    return proc, obj
+
+
+def test_compiles_for_sm80_and_sm90(build):
+    proc, obj = build
+    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-5000:]}"
+    assert obj.exists() and obj.stat().st_size > 0
+    log = proc.stdout + proc.stderr
+    assert "for 'sm_80'" in log and "for 'sm_90'" in log
+
+
+def test_no_warnings(build):
+    proc, _ = build
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "warning" in line.lower()]
+    assert not warnings, "\n".join(warnings[:20])
+
+
+def test_no_spills_or_stack(build):
+    proc, _ = build
+    log = proc.stdout + proc.stderr
+    # ptxas -v: "... 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", one per kernel/arch
+    rows = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    # 3 forward + 3 dq/dk + 3 dv + dot + convert kernels per dtype (3) and arch (2)
+    assert len(rows) == 2 * 3 * (3 + 3 + 3 + 2), f"unexpected ptxas report:\n{log[-3000:]}"
+    bad = [r for r in rows if any(int(x) for x in r)]
+    assert not bad, f"kernels with local memory (stack, spill stores, spill loads): {bad}"
+
+
+def test_c_entry_points_exported(build):
+    proc, obj = build
+    assert proc.returncode == 0
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not on PATH, cannot list the object's symbols")
+    out = subprocess.run([nm, str(obj)], capture_output=True, text=True, check=True).stdout
+    defined = set(re.findall(r" T (\w+)$", out, flags=re.M))
+    for name in ("unit_attn_fwd", "unit_attn_bwd", "unit_attn_bwd_workspace_bytes"):
+        assert name in defined, f"{name} is not exported with C linkage from csrc/attention.cu"
