@@ -14,7 +14,6 @@ appears only when everything is written (an interrupted run leaves nothing behin
 """
 
 import argparse
-import os
 import shlex
 import signal
 import sys
@@ -91,7 +90,7 @@ def _rel(path, src):
         return str(path)
 
 
-def _summary(path, found, used, skipped, t0):
+def _summary(found, used, skipped):
     lines = [f"subjects: {found} found, {used['train'] + used['test']} used "
              f"({used['train']} train / {used['test']} test), {len(skipped)} skipped"]
     for sid, why in skipped.items():
@@ -180,7 +179,7 @@ def prepare_volumes(args, created_by):
                 "registration), so a T1 slice and its T2 slice show roughly, not exactly, the same "
                 "anatomy and pixel-wise paired metrics would be meaningless")
         path = w.finish(meta)
-    return path, _summary(path, n, used, skipped, t0), w.counts(), t0
+    return path, _summary(n, used, skipped), w.counts(), t0
 
 
 def read_png(path):
@@ -235,7 +234,7 @@ def prepare_png(args, created_by):
         print("note: PNG folders come split already (trainA/testA); --n-test/--test-fraction are ignored",
               file=sys.stderr)
     total = sum(len(v) for v in files.values()) // (2 if paired else 1)
-    used, skipped = {"train": 0, "test": 0}, {}
+    skipped = {}
     t0 = time.time()
     bar = Progress(total, "png slices", enabled=not args.quiet)
     with PreparedWriter(args.out, args.size, paired=paired, masks=False, overwrite=args.overwrite) as w:
@@ -258,7 +257,6 @@ def prepare_png(args, created_by):
                         bar.update()
                         continue
                     w.add(split, fa.stem, center_crop_or_pad(a, args.size), center_crop_or_pad(b, args.size))
-                    used[split] += 1
                     bar.update()
             else:
                 for q, key in (("t1", "A"), ("t2", "B")):
@@ -269,8 +267,7 @@ def prepare_png(args, created_by):
                             bad(f"{split}{key}/{f.stem}", e)
                             continue
                         w.add(split, f.stem, **{q: img})
-                        used[split] += q == "t1"
-                    bar.update(len(files[f"{split}{key}"]) // 2)
+                    bar.update(len(files[f"{split}{key}"]))
         bar.close()
         c = w.counts()
         if min(c.values()) == 0:
@@ -346,6 +343,10 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # disk full, permissions, ...: the partial output is already removed
+        print(f"error: {e} (while preparing {args.out}); check the paths, their permissions and the "
+              f"free disk space.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing was written to {args.out} (the partial output was removed).",
               file=sys.stderr)

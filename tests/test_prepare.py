@@ -744,3 +744,11 @@ def test_padding_stays_zero_for_negative_intensities(tmp_path):
     assert c0 < 0 and (r.t1[:, :, : -c0] == 0).all()          # padded columns
     np.testing.assert_allclose(r.t1, expected(t1, central(1)(box), SIZE, (lo, hi)) *
                                (np.arange(SIZE[1]) >= -c0) * (np.arange(SIZE[1]) < SHAPE[0] - c0), atol=1e-6)
+
+
+def test_unwritable_output_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run("phantom", "--out", tmp_path / "afile" / "ph", "--n-train", 1, "--n-test", 1,
+               "--size", "32x32", "--quiet") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "afile" in err[0]
