@@ -56,27 +56,26 @@ def parse_slices(s):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Prepare T1w/T2w data as train/test slice arrays (see data/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Prepare T1w/T2w data as train/test slice arrays (see data/README.md).")
     p.add_argument("layout", choices=("phantom",) + tuple(EXPECTED_TREE),
                    help="source layout: phantom (built in, no SRC), hcp, brats, ixi, folders")
     p.add_argument("src", nargs="?", help="source folder (not for phantom)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/hcp")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
     p.add_argument("--strict", action="store_true", help="stop at the first bad subject instead of skipping it")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (phantom: of the subjects)")
-    p.add_argument("--size", type=parse_size, default=(304, 256), help="slice size HxW (crop/pad)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (phantom: of the subjects); default 0")
+    p.add_argument("--size", type=parse_size, default=(304, 256), help="slice size HxW after crop/pad; default 304x256")
     p.add_argument("--slices", type=parse_slices, default=1,
-                   help="central slices with brain per subject, or 'all'")
+                   help="central slices with brain per subject, or 'all'; default 1")
     p.add_argument("--n-test", type=int, default=None,
                    help="test subjects (phantom default 213; else --test-fraction decides)")
     p.add_argument("--test-fraction", type=float, default=None,
                    help="fraction of subjects for test (default 0.2 when --n-test is not given)")
     p.add_argument("--n-train", type=int, default=None, help="phantom only: train subjects (default 900)")
     p.add_argument("--hcp-space", choices=("acpc", "mni"), default="acpc",
-                   help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm) or MNINonLinear/*_restore_brain")
+                   help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm, default) or MNINonLinear/*_restore_brain")
     p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"),
-                   help="normalisation: brain-voxel percentiles mapped to 0 and 1")
+                   help="normalisation: brain-voxel percentiles mapped to 0 and 1; default 0.5 99.5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

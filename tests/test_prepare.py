@@ -135,6 +135,8 @@ def check_prepared(out, subjects, zs_of, size=SIZE, paired=True, t2_canon=None):
     for split in ("train", "test"):
         t1, t2, mask = getattr(p, f"{split}_t1"), getattr(p, f"{split}_t2"), getattr(p, f"{split}_mask")
         assert t1.dtype == np.float16 and t1.shape[1:] == size and mask.dtype == np.uint8
+        for a in (t1, t2):   # normalisation range: exactly [0, 1], both ends reached
+            assert float(np.min(a)) == 0.0 and float(np.max(a)) == 1.0
         ids = meta["slice_subject"][split]
         assert len(ids) == t1.shape[0] == t2.shape[0] == mask.shape[0] == meta[f"n_{split}"]
         for sid in dict.fromkeys(ids):
