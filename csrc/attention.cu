@@ -4,9 +4,13 @@
 //   s_ij = sum_t q[t,i] k[t,j]     p_ij = exp(s_ij - lse_i)     o[:,i] = sum_j p_ij v[:,j]
 // Interface: attention_cuda.h (plain C; this file includes no torch header and compiles alone).
 //
-// STATUS: written and compiled (nvcc 13.0, sm_80 + sm_90) on a machine WITHOUT a GPU. It has
-// not run yet. Everything below is careful reasoning, not measurement; tests/test_attention_op.py
-// checks it against a float64 reference the first time it sees a GPU.
+// STATUS: written and compiled (nvcc 13.0, sm_80 + sm_90) on a machine WITHOUT a GPU; it has
+// NOT run yet. Checked so far without a GPU: (1) the ldmatrix/mma fragment addressing of
+// warp_mma(), all four operand orientations, against a Python model of the PTX semantics;
+// (2) the tiling, masking, c-/key-splits and lse/D padding, by a tile-level NumPy port of the
+// three kernels against float64 (d = 5..100, c = 3..256, N = 1..150); (3) ptxas: no spills, no
+// stack. Performance figures below are estimates. tests/test_attention_op.py (float64 reference)
+// and `python bench.py attention` are the checks to run on the first GPU.
 //
 // ------------------------------------------------------------------------------------------
 // Design (flash-attention 2 style, one CTA = 4 warps = 128 threads, every warp owns 16 rows)
@@ -60,16 +64,25 @@
 //                                      bwd min 460 GFLOP  run 557 GFLOP
 //     generator N=19456, d=32, c=256:  fwd min 1.74 TFLOP run 1.94 TFLOP
 //                                      bwd min 3.68 TFLOP run 4.07 TFLOP
-//   Bytes (bf16, each tensor once): encoder ~90 MB, generator ~180 MB: ~40 us at 4.8 TB/s,
+//   Bytes (bf16, each tensor once): encoder ~90 MB, generator ~180 MB: ~20 / ~40 us at 4.8 TB/s,
 //   against ~1 ms (encoder fwd) of tensor-core work: compute-bound by a factor > 20.
 //   The naive form instead writes the N x N matrix: 94.6 MB (encoder) and 1.51 GB (generator)
 //   fp32 per image.
 // Expected limits (unmeasured): each warp re-reads its mma B operand from smem, 256 B per
 //   m16n8k16 = 2 cycles/mma/SM at 128 B/clk, about where mma.sync issues on H100; plus exp()
 //   on the MUFU (one per score per c-split: 1 exp per 2*(d+128) flops), the __syncthreads per
-//   tile with 4 warps/CTA, and L2 traffic (each CTA streams K and a 128-channel slice of V).
-//   Guess: 30-50% of the bf16 dense peak for bf16; fp32 runs on FFMA at well under 50% of the
-//   fp32 peak (smem-bound scalar loads) and will be slower than cuBLAS-based naive fp32.
+//   tile with 4 warps/CTA, L2 traffic (each CTA streams K and a 128-channel slice of V), and in
+//   the backward the fp32 atomics for dK (d x 64 per query tile per key tile).
+//   Guess: 25-45% of the bf16 dense peak for bf16; fp32 runs on FFMA, smem-bound on scalar
+//   loads, well under the fp32 peak and probably slower than naive fp32 (cuBLAS) and SDPA's
+//   memory-efficient fp32 (3xTF32 on sm_80+).
+// Resources (ptxas, 16-bit types, d <= 64 / d = 128): forward 168 / 208 registers, 72 / 99 KB
+//   smem -> 3 / 2 CTAs per SM; dq/dk 166 / 216 registers, 63 / 81 KB; dv 128-168 registers,
+//   72.5 / 99.5 KB. fp32: 128-168 registers, 68-119 KB smem. All fit sm_80 (163 KB) and sm_90
+//   (227 KB); on sm_86/sm_89 (99 KB) fp32 at d > 32 and the 16-bit dv kernel at d > 64 do not:
+//   the launcher then returns cudaFuncSetAttribute's error.
+// Tuning knobs to try on a GPU: kBC = 256 (halves the S recompute and exps, 2 CTAs/SM),
+//   kCC = 128 (half the barriers in dq/dk), 8 warps per CTA.
 //   Not done: wgmma/TMA (sm_90a), keeping P in registers, split-K for the forward at tiny B*N.
 // ------------------------------------------------------------------------------------------
 
@@ -397,9 +410,12 @@ __global__ void __launch_bounds__(kThreads, DP <= 64 ? 3 : 2)
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2; ++r) {  // full row sums (all lanes take part in the shuffles)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
     const int i = i0 + warp * 16 + g + 8 * r;
     if (i >= N) continue;
     const float inv = 1.f / l[r];
