@@ -1,6 +1,7 @@
 """csrc/attention.cu compiles on its own with nvcc for sm_80 and sm_90 (no GPU needed).
 
-One nvcc call builds both architectures (about 1-1.5 min on 2 busy cores). Besides success it
+One nvcc call builds both architectures (1-1.5 min on 2 busy cores), with the defines that
+torch.utils.cpp_extension adds (no implicit half/bf16 conversions). Besides success it
 checks what the compiler reports: no warnings (host -Wall included), no register spills or stack
 frames in any kernel (local memory would make the kernels much slower), and the three C entry
 points of csrc/attention_cuda.h exported with C linkage. Whether the kernels compute the right
@@ -17,6 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 
 
+def torch_nvcc_flags():
+    """The flags torch.utils.cpp_extension adds to every .cu (no implicit half/bf16 conversions...),
+    so that this test sees what unit/ops.py's build sees."""
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+        return list(COMMON_NVCC_FLAGS)
+    except Exception:  # torch missing or moved: the flags of torch 2.x
+        return ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                "--expt-relaxed-constexpr"]
+
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     if NVCC is None:
@@ -25,7 +38,7 @@ def build(tmp_path_factory):
     cmd = [NVCC, "-c", "-std=c++17", "-O3",
            "-gencode", "arch=compute_80,code=sm_80",
            "-gencode", "arch=compute_90,code=sm_90",
-           "-Xcompiler", "-Wall", "-Xptxas", "-v",
+           "-Xcompiler", "-Wall", "-Xptxas", "-v", *torch_nvcc_flags(),
            str(ROOT / "csrc" / "attention.cu"), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     return proc, obj
