@@ -1,0 +1,165 @@
+"""Evaluate a UNIT checkpoint on the test split of its prepared dataset.
+
+    python evaluate.py runs/NAME/ckpt.pt [--data DIR] [--json FILE] [--save-images DIR]
+
+Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
+"T2" = T1w->T2w scored against the real T2w: SSIM, PSNR (dB) and MAE on [0, 1] images, over the
+whole slice and inside the brain mask, plus the identity baseline (the input slice itself scored
+as the output) for scale. Everything the model needs comes from the checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from unit.data import DataError, load_prepared
+from unit.metrics import mae, psnr, ssim
+from unit.model import UNIT
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one sentence and exits with status 2."""
+
+
+CKPT_FORMAT = "unit-mri-checkpoint"
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load one of this project's checkpoints (weights_only) or raise UserError saying why not."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, pickle of something else, not a torch file at all
+        raise UserError(f"{path} is not a readable checkpoint of this project "
+                        f"({type(e).__name__}); pass the ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is a torch file but not a checkpoint written by this project's "
+                        f"train.py (no '{CKPT_FORMAT}' marker)")
+    return ckpt
+
+
+def build_model(cfg):
+    """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
+    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"])
+
+
+def to_model(x01, channels, device):
+    """float16/32 array (B, H, W) in [0, 1] -> model input (B, channels, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(x01, dtype=np.float32), device=device)
+    return (x * 2 - 1).unsqueeze(1).expand(-1, channels, -1, -1)
+
+
+def from_model(y):
+    """model output (B, channels, H, W) in [-1, 1] -> (B, H, W) in [0, 1] (channel mean for RGB)."""
+    return ((y.float().mean(dim=1) + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def translate(model, images, src, device, channels, batch_size=16):
+    """Translate a stack (N, H, W) in [0, 1] from domain src ('a' = T1w, 'b' = T2w); (N, H, W) on CPU."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(from_model(model.translate(to_model(images[i:i + batch_size], channels, device), src)).cpu())
+    return torch.cat(out)
+
+
+def scores(pred, real, mask):
+    """Mean SSIM / PSNR / MAE over a stack, whole slice and inside the mask (if any)."""
+    r = {"ssim": ssim(pred, real).mean().item(), "psnr": psnr(pred, real).mean().item(),
+         "mae": mae(pred, real).mean().item()}
+    if mask is not None:
+        r.update(ssim_mask=ssim(pred, real, mask).nanmean().item(),
+                 psnr_mask=psnr(pred, real, mask).nanmean().item(),
+                 mae_mask=mae(pred, real, mask).nanmean().item())
+    return r
+
+
+def evaluate(model, data, device, channels, batch_size=16, limit=None):
+    """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline.
+    Returns (results dict, translated T1 stack, translated T2 stack)."""
+    n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
+    t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
+    t2 = torch.from_numpy(np.asarray(data.test_t2[:n], dtype=np.float32))
+    mask = None if data.test_mask is None else torch.from_numpy(np.asarray(data.test_mask[:n]) > 0)
+    was_training = model.training
+    model.eval()
+    fake_t2 = translate(model, t1, "a", device, channels, batch_size)
+    fake_t1 = translate(model, t2, "b", device, channels, batch_size)
+    model.train(was_training)
+    res = {"n": n, "T1": scores(fake_t1, t1, mask), "T2": scores(fake_t2, t2, mask),
+           "identity": scores(t2, t1, mask)}  # symmetric metrics: one row serves both columns
+    return res, fake_t1, fake_t2
+
+
+def table(res):
+    """The results as a markdown table (the poster's columns plus PSNR, MAE and masked SSIM)."""
+    keys = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain")]
+    keys = [k for k in keys if k[0] in res["T1"]]
+    head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
+    lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
+    for row, (a, b) in (("translation", ("T1", "T2")), ("identity (input as output)", ("identity", "identity"))):
+        lines.append(f"| {row} | " + " | ".join(f"{res[a][k]:.4f} | {res[b][k]:.4f}" for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
+def save_images(out_dir, t1, t2, fake_t1, fake_t2, limit=16):
+    """PNG per test slice: real T1 | T1->T2 | real T2 | T2->T1."""
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(min(limit, len(t1))):
+        row = torch.cat([t1[i], fake_t2[i], t2[i], fake_t1[i]], dim=1)
+        Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(os.path.join(out_dir, f"test_{i:04d}.png"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("ckpt", help="checkpoint written by train.py (runs/NAME/ckpt.pt)")
+    p.add_argument("--data", help="prepared dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--save-images", metavar="DIR", help="write real/translated PNGs of test slices here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="evaluate only the first N test slices")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    ckpt = load_checkpoint(args.ckpt)
+    cfg = ckpt["config"]
+    data_path = args.data or cfg["data"]
+    data = load_prepared(data_path)
+    if not data.paired:
+        raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
+                        f"are not co-registered), so translated slices have no pixel-aligned ground truth "
+                        f"and SSIM/PSNR/MAE would be meaningless; evaluate on a paired dataset")
+    if list(data.shape) != list(cfg["size"]):
+        raise UserError(f"{data_path} has slices of {data.shape[0]}x{data.shape[1]} but the checkpoint was "
+                        f"trained on {cfg['size'][0]}x{cfg['size'][1]}; evaluate on data of the training size")
+    model = build_model(cfg).to(args.device)
+    model.load_state_dict(ckpt["model"])
+    print(f"checkpoint {args.ckpt}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
+          f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}")
+    res, fake_t1, fake_t2 = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
+    print(f"test split of {data_path}: {res['n']} slices of {data.shape[0]}x{data.shape[1]}; "
+          f"T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
+    print(table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ckpt": args.ckpt, "epoch": ckpt["epoch"], "step": ckpt["step"], "data": data_path,
+                       "config": cfg, **res}, f, indent=2)
+    if args.save_images:
+        n = res["n"]
+        save_images(args.save_images, torch.from_numpy(np.asarray(data.test_t1[:n], np.float32)),
+                    torch.from_numpy(np.asarray(data.test_t2[:n], np.float32)), fake_t1, fake_t2)
+        print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1)")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

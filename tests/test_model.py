@@ -1,0 +1,98 @@
+"""Model shapes for every flag combination, one optimisation step per variant, loss functions."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from train import Config, make_optimizers, train_step
+from unit.attention import SelfAttention
+from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
+from unit.model import ATTN_CHOICES, UNIT
+
+COMBOS = list(itertools.product(ATTN_CHOICES, (False, True), (1, 3)))
+
+
+@pytest.mark.parametrize("attn,sn,channels", COMBOS)
+def test_shapes_at_poster_size(attn, sn, channels):
+    """Full poster widths at 304x256 on the meta device (shapes only, no arithmetic)."""
+    model = UNIT(channels=channels, width=64, attn=attn, sn=sn).to("meta")
+    seen = []  # (module, input shape) of every attention block
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    x = torch.empty(2, channels, 304, 256, device="meta")
+    mu = model.encode(x, "a")
+    assert mu.shape == (2, 512, 76, 64)
+    y = model.decode(mu, "b")
+    assert y.shape == (2, channels, 304, 256)
+    assert model.dis_a(y).shape == (2, 1, 9, 7)
+    expect = ([(2, 512, 76, 64)] if attn in ("encoder", "both") else []) + \
+             ([(2, 256, 152, 128)] if attn in ("generator", "both") else [])
+    assert seen == expect   # N = 76*64 = 4864 in the encoder, 152*128 = 19456 in the generator
+
+
+def test_shared_layers_are_shared():
+    model = UNIT(width=4)
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("enc_shared.") for n in names) and any(n.startswith("gen_shared.") for n in names)
+    # encode a / b go through the same enc_shared object: changing it changes both
+    x = torch.randn(1, 1, 64, 64)
+    before_a, before_b = model.encode(x, "a").detach(), model.encode(x, "b").detach()
+    with torch.no_grad():
+        for p in model.enc_shared.parameters():
+            p.add_(0.1)
+    assert not torch.equal(model.encode(x, "a"), before_a)
+    assert not torch.equal(model.encode(x, "b"), before_b)
+
+
+def test_latent_noise_only_in_training():
+    model = UNIT(width=4)
+    mu = torch.zeros(2, 32, 4, 4)
+    model.eval()
+    assert torch.equal(model.sample_z(mu), mu)
+    model.train()
+    z = model.sample_z(mu)
+    assert 0.7 < z.std().item() < 1.3   # N(0, I) noise around mu
+
+
+def test_spectral_norm_on_every_conv():
+    model = UNIT(width=4, attn="both", sn=True)
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs and all(hasattr(m, "parametrizations") for m in convs)
+    # after some power iterations the largest singular value of a weight is ~1
+    conv = model.dis_a.net[0]
+    for _ in range(30):
+        conv(torch.randn(1, 1, 8, 8))
+    w = conv.weight.reshape(conv.weight.shape[0], -1)
+    assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("attn,sn,charbonnier,channels",
+                         [(a, s, c, ch) for a in ATTN_CHOICES for s in (False, True) for c in (False, True)
+                          for ch in (1, 3) if (s == c) or a == "none"])
+def test_one_step_per_variant(attn, sn, charbonnier, channels):
+    torch.manual_seed(0)
+    cfg = {**Config().__dict__, "attn": attn, "sn": sn, "charbonnier": charbonnier, "channels": channels}
+    model = UNIT(channels=channels, width=4, attn=attn, sn=sn)
+    opt_g, opt_d = make_optimizers(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x_a, x_b = torch.rand(2, channels, 64, 64) * 2 - 1, torch.rand(2, channels, 64, 64) * 2 - 1
+    losses = train_step(model, opt_g, opt_d, x_a, x_b, cfg)
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"enc_a", "enc_b", "enc_shared", "gen_shared", "gen_a", "gen_b", "dis_a", "dis_b"}
+
+
+def test_losses_against_hand_computed_values():
+    x = torch.tensor([0.0, 1.0, -2.0, 0.5])
+    y = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    assert l1_loss(x, y).item() == pytest.approx((0 + 1 + 2 + 0.5) / 4)
+    eps = 0.1
+    want = (math.sqrt(0 + eps**2) + math.sqrt(1 + eps**2) + math.sqrt(4 + eps**2) + math.sqrt(0.25 + eps**2)) / 4
+    assert charbonnier_loss(x, y, eps).item() == pytest.approx(want, rel=1e-6)
+    assert kl_loss(x).item() == pytest.approx((0 + 1 + 4 + 0.25) / 4)
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    sig = [1 / (1 + math.exp(-v)) for v in (0.0, 2.0, -1.0)]
+    assert gan_loss(logits, True).item() == pytest.approx(-sum(math.log(s) for s in sig) / 3, rel=1e-6)
+    assert gan_loss(logits, False).item() == pytest.approx(-sum(math.log(1 - s) for s in sig) / 3, rel=1e-6)

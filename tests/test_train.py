@@ -1,0 +1,136 @@
+"""train.py / evaluate.py end to end on a tiny phantom: CLI smoke, checkpoints, exact resume,
+and the one-sentence errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+from unit.data import prepare_phantom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--full", "--width", "4", "--batch-size", "2", "--device", "cpu", "--eval-limit", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "phantom")
+    prepare_phantom(path, n_train=6, n_test=3, slices=1, size=(64, 64), seed=0, progress=False)
+    return path
+
+
+def run(script, *args, env=None):
+    """Run a top-level script as a user would; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "UNIT_ATTN": "torch", **(env or {})})
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_cli_train_then_evaluate(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--data", tiny_data, "--out", str(out), "--epochs", "2", "--save-epochs", "1,2", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "config" in r.stdout and "SSIM T1" in r.stdout
+    for f in ("ckpt.pt", "ckpt_e001.pt", "ckpt_e002.pt", "metrics.jsonl", "config.json", "samples_e002.png"):
+        assert (out / f).exists(), f
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines if m["kind"] == "eval"] == [1, 2]
+    r = run("evaluate.py", str(out / "ckpt.pt"), "--json", str(tmp_path / "res.json"),
+            "--save-images", str(tmp_path / "img"))
+    assert r.returncode == 0, r.stderr
+    assert "identity" in r.stdout and "SSIM T1" in r.stdout
+    res = json.load(open(tmp_path / "res.json"))
+    assert res["n"] == 3 and 0 <= res["T1"]["ssim"] <= 1 and "ssim_mask" in res["T2"]
+    assert len(os.listdir(tmp_path / "img")) == 3
+
+
+def test_checkpoint_round_trip(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["format"] == evaluate.CKPT_FORMAT and ckpt["step"] == 1
+    assert set(ckpt) >= {"model", "opt_g", "opt_d", "config", "epoch", "rng"}
+    assert ckpt["opt_g"]["state"] and ckpt["opt_d"]["state"]          # Adam moments are saved
+    cfg = ckpt["config"]
+    assert json.loads(json.dumps(cfg)) == cfg                          # plain types only
+    model = evaluate.build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k])
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    """2 steps + resume + 2 steps == 4 steps, bit for bit, on the CPU (with SN and attention)."""
+    flags = ["--data", tiny_data, "--sn", "--attn", "encoder", *TINY, "--eval-every", "0"]
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert run("train.py", *flags, "--out", str(a), "--max-steps", "4").returncode == 0
+    assert run("train.py", *flags, "--out", str(b), "--max-steps", "2").returncode == 0
+    r = run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "4")
+    assert r.returncode == 0, r.stderr
+    wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
+    assert torch.load(b / "ckpt.pt", weights_only=True)["step"] == 4
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_data, "--out", str(out),
+                          "--epochs", "1000", "--eval-every", "0", *TINY], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "UNIT_ATTN": "torch"})
+    for line in p.stdout:                         # wait until training has started
+        if line.startswith("model:"):
+            break
+    import time
+    time.sleep(2)
+    p.terminate()
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "interrupted (SIGTERM)" in stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--attn", "encoder", "--size", "100x98"], "multiples of 4"),
+    (["--data", "DATA", "--size", "64x64"], "cannot be combined"),
+    (["--batch-size", "0"], "at least 1"),
+    (["--data", "DATA", "--out", "/proc/forbidden"], "cannot write"),
+])
+def test_train_bad_input_is_one_sentence(tiny_data, tmp_path, args, needle):
+    args = [tiny_data if a == "DATA" else a for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    r = run("train.py", *TINY, *args)            # later flags win: the bad value is the one used
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_train_data_folder_without_prepared_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run("train.py", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), *TINY)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path / "empty") in r.stderr
+
+
+def test_resume_with_contradicting_flag(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
+    r = run("train.py", "--resume", str(out / "ckpt.pt"), "--attn", "both")
+    assert r.returncode == 2 and "contradicts" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_rejects_foreign_files(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    for name, needle in (("other.pt", "not a checkpoint written by"), ("junk.pt", "not a readable checkpoint"),
+                         ("missing.pt", "does not exist")):
+        r = run("evaluate.py", str(tmp_path / name))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

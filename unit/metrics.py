@@ -1,0 +1,68 @@
+"""SSIM, PSNR and MAE on batched images in [0, 1], in torch (CPU or GPU).
+
+SSIM is Wang et al. 2004 with the usual settings: 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
+K2 = 0.03, data range 1, population (not sample) covariance, averaged over the 'valid' region
+(pixels whose whole window lies inside the image). This is what
+skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1) computes; tests/test_metrics.py checks the match.
+"""
+import torch
+import torch.nn.functional as F
+
+WIN, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
+
+
+def _gaussian_window(device, dtype):
+    x = torch.arange(WIN, device=device, dtype=torch.float64) - (WIN - 1) / 2
+    g = torch.exp(-x * x / (2 * SIGMA * SIGMA))
+    return (g / g.sum()).to(dtype)
+
+
+def _blur(x, g):
+    """Separable 'valid' Gaussian filter. x: (B, 1, H, W) -> (B, 1, H-10, W-10)."""
+    x = F.conv2d(x, g.view(1, 1, WIN, 1))
+    return F.conv2d(x, g.view(1, 1, 1, WIN))
+
+
+def ssim_map(x, y):
+    """Per-pixel SSIM over the valid region. x, y: (B, H, W) in [0, 1] -> (B, H-10, W-10)."""
+    x, y = x.unsqueeze(1).double(), y.unsqueeze(1).double()   # float64: no cancellation issues
+    g = _gaussian_window(x.device, x.dtype)
+    mx, my = _blur(x, g), _blur(y, g)
+    vx = _blur(x * x, g) - mx * mx
+    vy = _blur(y * y, g) - my * my
+    cxy = _blur(x * y, g) - mx * my
+    c1, c2 = K1 ** 2, K2 ** 2                                   # data range 1
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.squeeze(1)
+
+
+def ssim(x, y, mask=None):
+    """Mean SSIM per image: (B,). With mask (B, H, W), the mean is over valid pixels inside it
+    (images whose mask leaves no valid pixel get NaN)."""
+    s = ssim_map(x, y)
+    if mask is None:
+        return s.mean(dim=(1, 2)).float()
+    p = (WIN - 1) // 2
+    m = mask[:, p:-p, p:-p].to(s.dtype)
+    return ((s * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+
+
+def mae(x, y, mask=None):
+    """Mean absolute error per image (B,), optionally inside a mask."""
+    e = (x.double() - y.double()).abs()
+    if mask is None:
+        return e.mean(dim=(1, 2)).float()
+    m = mask.to(e.dtype)
+    return ((e * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+
+
+def psnr(x, y, mask=None):
+    """Peak signal-to-noise ratio in dB per image (B,), data range 1, optionally inside a mask."""
+    e = (x.double() - y.double()).pow(2)
+    if mask is None:
+        mse = e.mean(dim=(1, 2))
+    else:
+        m = mask.to(e.dtype)
+        mse = (e * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-20))).float()

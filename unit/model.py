@@ -1,0 +1,137 @@
+"""UNIT (Liu, Breuel, Kautz 2017) as in the poster's table, with optional SAGAN attention and
+spectral norm. Channel counts are the poster's at width=64; --width scales all of them.
+
+Shapes at 304x256 (H x W), width w=64, one image:
+  Encoder  x (1, ch, 304, 256) -> conv7 (64) -> conv3/2 (128, 152x128) -> conv3/2 (256, 76x64)
+           -> 3 ResBlocks (512, the first projects 256->512) [-> SelfAttention(512), N = 4864]
+           -> shared ResBlock -> mu (1, 512, 76, 64)
+  Generator z -> shared ResBlock -> 3 ResBlocks (512) -> dconv3/2 (256, 152x128) [-> SelfAttention(256),
+           N = 19456] -> dconv3/2 (128, 304x256) -> dconv1 (ch) -> tanh
+  Discriminator x -> 5 x conv3/2 (64..1024, 10x8) -> conv2 (1) -> logits (1, 1, 9, 7)
+"""
+import torch
+import torch.nn as nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from unit.attention import SelfAttention
+
+ATTN_CHOICES = ("none", "encoder", "generator", "both")
+
+
+def lrelu():
+    return nn.LeakyReLU(0.2, inplace=False)
+
+
+class ResBlock(nn.Module):
+    """conv3-IN-LeakyReLU-conv3-IN plus a skip (1x1 conv when the width changes). Instance norm
+    follows UNIT's released code; the poster's table only says RESBLK(N512, K3, S1)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 1, 1), nn.InstanceNorm2d(cout), lrelu(),
+            nn.Conv2d(cout, cout, 3, 1, 1), nn.InstanceNorm2d(cout))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+class Encoder(nn.Module):
+    """Domain-specific part of an encoder: image (B, ch, H, W) -> features (B, 8w, H/4, W/4)."""
+
+    def __init__(self, channels, w, attn):
+        super().__init__()
+        layers = [nn.Conv2d(channels, w, 7, 1, 3), lrelu(),
+                  nn.Conv2d(w, 2 * w, 3, 2, 1), lrelu(),
+                  nn.Conv2d(2 * w, 4 * w, 3, 2, 1), lrelu(),
+                  ResBlock(4 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w)]
+        if attn:
+            layers.append(SelfAttention(8 * w))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Generator(nn.Module):
+    """Domain-specific part of a generator: features (B, 8w, H/4, W/4) -> image (B, ch, H, W) in [-1, 1]."""
+
+    def __init__(self, channels, w, attn):
+        super().__init__()
+        layers = [ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w),
+                  nn.ConvTranspose2d(8 * w, 4 * w, 3, 2, 1, output_padding=1), lrelu()]
+        if attn:
+            layers.append(SelfAttention(4 * w))
+        layers += [nn.ConvTranspose2d(4 * w, 2 * w, 3, 2, 1, output_padding=1), lrelu(),
+                   nn.ConvTranspose2d(2 * w, channels, 1, 1, 0), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class Discriminator(nn.Module):
+    """PatchGAN-style: image -> (B, 1, h, w) logits. The sigmoid lives in the BCE-with-logits loss."""
+
+    def __init__(self, channels, w):
+        super().__init__()
+        layers, cin = [], channels
+        for cout in (w, 2 * w, 4 * w, 8 * w, 16 * w):
+            layers += [nn.Conv2d(cin, cout, 3, 2, 1), lrelu()]
+            cin = cout
+        layers.append(nn.Conv2d(cin, 1, 2, 1, 0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def apply_spectral_norm(module):
+    """Spectral norm on every conv / transposed conv inside `module` (including attention's 1x1s)."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
+            setattr(module, name, spectral_norm(child))
+        else:
+            apply_spectral_norm(child)
+    return module
+
+
+class UNIT(nn.Module):
+    """Two VAE-GANs sharing the last encoder block and the first generator block (the shared
+    latent space). Domain a = T1w, domain b = T2w. Images in [-1, 1]."""
+
+    def __init__(self, channels=1, width=64, attn="none", sn=False):
+        super().__init__()
+        if attn not in ATTN_CHOICES:
+            raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
+        w, ea, ga = width, attn in ("encoder", "both"), attn in ("generator", "both")
+        self.enc_a, self.enc_b = Encoder(channels, w, ea), Encoder(channels, w, ea)
+        self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
+        self.gen_shared = ResBlock(8 * w, 8 * w)
+        self.gen_a, self.gen_b = Generator(channels, w, ga), Generator(channels, w, ga)
+        self.dis_a, self.dis_b = Discriminator(channels, w), Discriminator(channels, w)
+        if sn:
+            apply_spectral_norm(self)
+
+    def encode(self, x, domain):
+        """mu of q(z|x): (B, 8w, H/4, W/4)."""
+        return self.enc_shared((self.enc_a if domain == "a" else self.enc_b)(x))
+
+    def decode(self, z, domain):
+        return (self.gen_a if domain == "a" else self.gen_b)(self.gen_shared(z))
+
+    def sample_z(self, mu):
+        """z = mu + N(0, I) while training (the VAE with unit variance of UNIT), z = mu in eval."""
+        return mu + torch.randn_like(mu) if self.training else mu
+
+    @torch.no_grad()
+    def translate(self, x, src):
+        """Deterministic translation a->b (src='a') or b->a (src='b'), using mu."""
+        return self.decode(self.encode(x, src), "b" if src == "a" else "a")
+
+    def generator_params(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("dis_")]
+
+    def discriminator_params(self):
+        return list(self.dis_a.parameters()) + list(self.dis_b.parameters())
