@@ -1,0 +1,168 @@
+"""
+Builds and loads the fused attention op in csrc/ and registers its Python side.
+
+    o = v . softmax_keys(q^T k), no scale      q, k: (B, d, N)  v, o: (B, c, N)
+
+The op lives in csrc/attention.cpp (schema, CPU kernel, CUDA glue) and csrc/attention.cu (CUDA
+kernels). It is compiled with torch.utils.cpp_extension.load + ninja on first use, into
+<repo>/build/unit_attn_<cpu|cuda>_<machine>/, and reused from there afterwards (ninja only
+recompiles what changed). On a machine where torch sees a GPU and CUDA_HOME is set, the CUDA
+variant (CPU + CUDA kernels) is built; if that fails the CPU-only variant is tried, so CPU tensors
+still get the fused op.
+
+Public API:
+    load(verbose=True) -> bool   builds/loads once per process; True if the op is usable
+    fused_attention(q, k, v)     o (B, c, N), differentiable; RuntimeError if the op is unavailable
+    load_error() -> str | None   why the build/load failed, if it did
+    supports(device) -> bool     whether the loaded op has kernels for that device type
+
+Registered on load: torch.ops.unit_attn.attention_fwd(q, k, v) -> (o, lse) and
+torch.ops.unit_attn.attention_bwd(grad_o, q, k, v, o, lse) -> (dq, dk, dv), their fake kernels
+(torch.compile, opcheck) and autograd for attention_fwd (lse is not differentiable).
+Which backend the model uses (fused or PyTorch) is decided in unit/attention.py, not here.
+"""
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CPU_TILE = 64  # queries/keys per tile of the CPU kernel: kTile in csrc/attention.cpp (tests use it)
+
+_state = {"tried": False, "ok": False, "cuda": False, "error": None}
+
+
+def _machine_tag():
+    # the CPU code is compiled with -march=native, so a build is only valid on the CPU it was made
+    # on: key the build folder by the CPU's model and feature flags (a shared home stays safe)
+    info = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))]
+        info += "".join(sorted(set(lines)))
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha1(info.encode()).hexdigest()[:8]
+
+
+def _build(with_cuda, verbose):
+    from torch.utils.cpp_extension import load as cpp_load
+
+    name = "unit_attn_cuda" if with_cuda else "unit_attn_cpu"
+    build_dir = ROOT / "build" / f"{name}_{_machine_tag()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [CSRC / "attention.cpp"] + ([CSRC / "attention.cu"] if with_cuda else [])
+    # -ffp-contract=fast: allow fused multiply-add (off by default under -std=c++17)
+    cflags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+    if with_cuda:
+        cflags.append("-DWITH_CUDA")
+    so = build_dir / f"{name}.so"
+    deps = sources + [CSRC / "attention_cuda.h"]
+    if verbose and (not so.exists() or any(p.stat().st_mtime > so.stat().st_mtime for p in deps)):
+        print("building the fused attention op (first use only, ~1 min)...", file=sys.stderr, flush=True)
+    cpp_load(
+        name=name,
+        sources=[str(p) for p in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3"],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        is_python_module=False,  # a TORCH_LIBRARY: loaded with torch.ops.load_library
+        verbose=False,
+    )
+
+
+def _register_python_side():
+    def check(q, k, v):
+        torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3,
+                     lambda: "unit_attn: q, k, v must be 3-D (B, d, N), (B, d, N), (B, c, N)")
+        torch._check(q.shape == k.shape, lambda: "unit_attn: q and k must have the same shape")
+        torch._check(v.shape[0] == q.shape[0] and v.shape[2] == q.shape[2],
+                     lambda: "unit_attn: v must be (B, c, N) with the B and N of q")
+        return q.shape[0], q.shape[1], v.shape[1], q.shape[2]
+
+    @torch.library.register_fake("unit_attn::attention_fwd")
+    def _fwd_fake(q, k, v):
+        B, d, c, N = check(q, k, v)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
+        return v.new_empty((B, c, N)), q.new_empty((B, N), dtype=lse_dtype)
+
+    @torch.library.register_fake("unit_attn::attention_bwd")
+    def _bwd_fake(grad_o, q, k, v, o, lse):
+        check(q, k, v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.unit_attn.attention_bwd(grad_o.to(o.dtype), q, k, v, o, lse)
+        return dq, dk, dv
+
+    torch.library.register_autograd("unit_attn::attention_fwd", backward, setup_context=setup_context)
+
+
+def load(verbose: bool = True) -> bool:
+    """Build (first use) and load the fused op once per process. True if it is usable."""
+    if _state["tried"]:
+        return _state["ok"]
+    _state["tried"] = True
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    variants = [False]
+    if torch.cuda.is_available() and torch.version.cuda and CUDA_HOME is not None:
+        variants = [True, False]  # CUDA + CPU kernels; CPU only if that fails
+    errors = []
+    for with_cuda in variants:
+        try:
+            _build(with_cuda, verbose)
+            _register_python_side()
+            _state.update(ok=True, cuda=with_cuda)
+            break
+        except Exception as e:  # compiler errors, missing ninja/compiler, load failures
+            errors.append(f"[{'cuda' if with_cuda else 'cpu'} build] {type(e).__name__}: {e}")
+    if errors:
+        _state["error"] = "\n".join(errors)
+        if verbose:
+            what = ("the CUDA variant failed, using the CPU-only op" if _state["ok"]
+                    else "falling back to PyTorch attention")
+            first = errors[0].strip().splitlines()[0][:300]
+            warnings.warn(f"unit/ops.py: could not build/load the fused attention op in csrc/ "
+                          f"({what}): {first} -- see unit.ops.load_error() for the full log.",
+                          RuntimeWarning, stacklevel=2)
+    return _state["ok"]
+
+
+def load_error():
+    """Why building or loading the op failed (compiler output included), or None."""
+    return _state["error"]
+
+
+def supports(device) -> bool:
+    """True if the loaded op has kernels for tensors on `device` (cpu always, cuda if built)."""
+    kind = torch.device(device).type
+    return load(verbose=False) and (kind == "cpu" or (kind == "cuda" and _state["cuda"]))
+
+
+def fused_attention(q, k, v):
+    """o = v . softmax_keys(q^T k) with the fused op: q, k (B, d, N), v (B, c, N) -> o (B, c, N)."""
+    if not load():
+        raise RuntimeError("unit/ops.py: the fused attention op (csrc/attention.cpp) could not be "
+                           "built or loaded; see unit.ops.load_error() for the compiler output, or "
+                           "use the PyTorch path (UNIT_ATTN=torch).")
+    if not supports(q.device):
+        raise RuntimeError(f"unit/ops.py: the fused attention op was built without {q.device.type} "
+                           f"kernels; see unit.ops.load_error(), or use UNIT_ATTN=torch.")
+    o, _ = torch.ops.unit_attn.attention_fwd(q, k, v)
+    return o
