@@ -30,8 +30,10 @@
 //   D_i   = sum_c grad_o[c, i] o[c, i]
 //   dP_ij = grad_o[:, i] . v[:, j]       dS_ij = P_ij (dP_ij - D_i)
 //   dq_i  = sum_j dS_ij k_j     dk_j = sum_i dS_ij q_i     dv_j = sum_i P_ij grad_o_i
-// It runs as two race-free passes: one over query tiles (dq), one over key tiles (dk, dv); each
-// recomputes P and dP for its tile pairs.
+// It runs as one pass over key tiles: each task owns a range of key tiles (dk, dv race-free)
+// and adds its dq contributions to a dq buffer of its own group; the buffers are summed at the
+// end (details at bwd_cpu_kernel). No N x N matrix; extra memory O(B*N), at most 64 MiB of dq
+// partial sums, and a few tiles per thread.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -45,8 +47,8 @@
 #include <vector>
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (= at::cuda::, lighter header)
 #include "attention_cuda.h"
 #endif
 
@@ -135,8 +137,10 @@ const T* tile(const T* src, int64_t rows, int64_t N, int64_t col0, T* buf, int64
 // is kRows rows x kVecs vectors of accumulators; kTile is a multiple of the block width.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64, kRows = 4;  // 32 registers: 16 accumulators
-#else
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32, kRows = 2;  // 16 registers: 8 accumulators
+#else
+constexpr int kVecBytes = 16, kRows = 2;  // SSE2, NEON
 #endif
 constexpr int kVecs = 4;
 
@@ -189,7 +193,8 @@ inline VF expv(VF x) {
   p = p * r + 5.0000001201e-1f;
   const VF er = p * r * r + r + 1.0f;
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n, n in [-126, 127]
-  const VF two_n = reinterpret_cast<const VF&>(bits);
+  VF two_n;
+  std::memcpy(&two_n, &bits, sizeof(VF));
   return x < lo ? VF{} : er * two_n;
 }
 // float64 is for gradcheck, not speed
@@ -326,8 +331,11 @@ void fwd_cpu_kernel(const T* q, const T* k, const T* v, T* o, T* lse, const Dims
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU backward: D, then pass 1 over (batch, query tile) for dq, then pass 2 over
-// (batch, key tile) for dk and dv.
+// CPU backward: D, then one pass over (batch, group of key tiles). A task owns its key tiles, so
+// it accumulates dk and dv for them race-free; its contributions to dq (all queries) go to a
+// dq buffer of its group (group 0: dq itself), summed at the end. G groups per batch item give
+// B * G >= 4 * threads tasks for load balance; the extra buffers cost (G - 1) * B * d * N
+// values, capped at 64 MiB (fewer groups beyond that).
 
 template <typename T>
 void bwd_cpu_kernel(const T* go, const T* q, const T* k, const T* v, const T* o, const T* lse,
@@ -352,89 +360,80 @@ void bwd_cpu_kernel(const T* go, const T* q, const T* k, const T* v, const T* o,
     }
   });
 
-  // P[x][y] = exp(s[x][y] - lse_row) for the valid rows / columns, 0 elsewhere; then
-  // dS = P (dP - D), all in place. rows_are_queries selects which index carries lse and D.
-  auto probs_and_ds = [](T* p, T* dp, const T* L, const T* Dq, int64_t nrows, int64_t ncols,
-                         bool rows_are_queries) {
-    for (int64_t x = 0; x < kTile; ++x) {
-      T* px = p + x * kTile;
-      T* dpx = dp + x * kTile;
-      if (x >= nrows) {
-        std::fill(px, px + kTile, T(0));
-        std::fill(dpx, dpx + kTile, T(0));
-        continue;
-      }
-      for (int64_t y = 0; y < kTile; y += W) {
-        // lse and D belong to the query: the row x, or the column y
-        const V lv = rows_are_queries ? V{} + L[x] : loadv<V>(L + y);
-        const V dv = rows_are_queries ? V{} + Dq[x] : loadv<V>(Dq + y);
-        const V pv = expv(loadv<V>(px + y) - lv);
-        storev(px + y, pv);
-        storev(dpx + y, pv * (loadv<V>(dpx + y) - dv));
-      }
-      for (int64_t y = ncols; y < kTile; ++y) px[y] = dpx[y] = T(0);
-    }
-  };
+  const int64_t per_group = B * d * N;
+  const int64_t max_extra = (int64_t(64) << 20) / int64_t(sizeof(T));
+  int64_t G = std::min(ntiles, (4 * at::get_num_threads() + B - 1) / B);
+  G = std::max<int64_t>(1, std::min(G, 1 + max_extra / per_group));
+  std::fill(dq, dq + per_group, T(0));
+  std::vector<T> dq_extra((G - 1) * per_group, T(0));
 
-  // pass 1: dq[:, i] = sum_j dS_ij k[:, j]
-  at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qbuf(d * kTile), gbuf(c * kTile), kbuf(d * kTile), vbuf(c * kTile);
-    std::vector<T> p(kTile * kTile), ds(kTile * kTile), acc(d * kTile);  // p[j][i], acc[d][i]
+    std::vector<T> p(kTile * kTile), ds(kTile * kTile), dst(kTile * kTile);  // p, ds: [i][j]
+    std::vector<T> dkacc(d * kTile), dvacc(c * kTile), dqacc(d * kTile);
     T L[kTile];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ntiles, i0 = (task % ntiles) * kTile;
-      const int64_t ni = std::min(kTile, N - i0);
-      int64_t ldq, ldg, ldk, ldv;
-      const T* qt = tile(q + b * d * N, d, N, i0, qbuf.data(), &ldq);
-      const T* gt = tile(go + b * c * N, c, N, i0, gbuf.data(), &ldg);
-      const T* Dt = &D[b * ntiles * kTile + i0];
-      for (int64_t i = 0; i < kTile; ++i) L[i] = i < ni ? lse[b * N + i0 + i] : T(0);
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-        const int64_t nj = std::min(kTile, N - j0);
+      const int64_t b = task / G, g = task % G;
+      T* dqb = (g == 0 ? dq : dq_extra.data() + (g - 1) * per_group) + b * d * N;
+      for (int64_t jt = g * ntiles / G; jt < (g + 1) * ntiles / G; ++jt) {
+        const int64_t j0 = jt * kTile, nj = std::min(kTile, N - j0);
+        int64_t ldq, ldg, ldk, ldv;
         const T* kt = tile(k + b * d * N, d, N, j0, kbuf.data(), &ldk);
         const T* vt = tile(v + b * c * N, c, N, j0, vbuf.data(), &ldv);
-        gemm_tn(kt, ldk, qt, ldq, d, p.data());   // s[j][i]
-        gemm_tn(vt, ldv, gt, ldg, c, ds.data());  // dP[j][i]
-        probs_and_ds(p.data(), ds.data(), L, Dt, nj, ni, false);
-        gemm_nn_acc(kt, ldk, ds.data(), d, acc.data());  // acc[t][i] += sum_j k[t][j] dS[j][i]
+        std::fill(dkacc.begin(), dkacc.end(), T(0));
+        std::fill(dvacc.begin(), dvacc.end(), T(0));
+        for (int64_t i0 = 0; i0 < N; i0 += kTile) {
+          const int64_t ni = std::min(kTile, N - i0);
+          const T* qt = tile(q + b * d * N, d, N, i0, qbuf.data(), &ldq);
+          const T* gt = tile(go + b * c * N, c, N, i0, gbuf.data(), &ldg);
+          const T* Dt = &D[b * ntiles * kTile + i0];
+          for (int64_t i = 0; i < kTile; ++i) L[i] = i < ni ? lse[b * N + i0 + i] : T(0);
+          gemm_tn(qt, ldq, kt, ldk, d, p.data());   // s[i][j]
+          gemm_tn(gt, ldg, vt, ldv, c, ds.data());  // dP[i][j]
+          // P = exp(s - lse_i), dS = P (dP - D_i); zero outside the ni x nj valid block
+          for (int64_t i = 0; i < kTile; ++i) {
+            T* pi = &p[i * kTile];
+            T* dsi = &ds[i * kTile];
+            if (i >= ni) {
+              std::fill(pi, pi + kTile, T(0));
+              std::fill(dsi, dsi + kTile, T(0));
+              continue;
+            }
+            const V lv = V{} + L[i], dv_ = V{} + Dt[i];
+            for (int64_t j = 0; j < kTile; j += W) {
+              const V pv = expv(loadv<V>(pi + j) - lv);
+              storev(pi + j, pv);
+              storev(dsi + j, pv * (loadv<V>(dsi + j) - dv_));
+            }
+            for (int64_t j = nj; j < kTile; ++j) pi[j] = dsi[j] = T(0);
+          }
+          gemm_nn_acc(gt, ldg, p.data(), c, dvacc.data());   // dv[r][j] += sum_i go[r][i] P[i][j]
+          gemm_nn_acc(qt, ldq, ds.data(), d, dkacc.data());  // dk[t][j] += sum_i q[t][i] dS[i][j]
+          // dq[t][i] += sum_j k[t][j] dS[i][j]: needs dS^T as the [j][i] operand
+          for (int64_t j = 0; j < kTile; ++j)
+            for (int64_t i = 0; i < kTile; ++i) dst[j * kTile + i] = ds[i * kTile + j];
+          std::fill(dqacc.begin(), dqacc.end(), T(0));
+          gemm_nn_acc(kt, ldk, dst.data(), d, dqacc.data());
+          for (int64_t t = 0; t < d; ++t)
+            for (int64_t i = 0; i < ni; ++i) dqb[t * N + i0 + i] += dqacc[t * kTile + i];
+        }
+        T* dkb = dk + b * d * N + j0;
+        T* dvb = dv + b * c * N + j0;
+        for (int64_t t = 0; t < d; ++t) std::copy(&dkacc[t * kTile], &dkacc[t * kTile] + nj, dkb + t * N);
+        for (int64_t r = 0; r < c; ++r) std::copy(&dvacc[r * kTile], &dvacc[r * kTile] + nj, dvb + r * N);
       }
-      T* dqb = dq + b * d * N + i0;
-      for (int64_t t = 0; t < d; ++t) std::copy(&acc[t * kTile], &acc[t * kTile] + ni, dqb + t * N);
     }
   });
 
-  // pass 2: dk[:, j] = sum_i dS_ij q[:, i],  dv[:, j] = sum_i P_ij grad_o[:, i]
-  at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qbuf(d * kTile), gbuf(c * kTile), kbuf(d * kTile), vbuf(c * kTile);
-    std::vector<T> p(kTile * kTile), ds(kTile * kTile);  // p[i][j]
-    std::vector<T> dkacc(d * kTile), dvacc(c * kTile);
-    T L[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ntiles, j0 = (task % ntiles) * kTile;
-      const int64_t nj = std::min(kTile, N - j0);
-      int64_t ldq, ldg, ldk, ldv;
-      const T* kt = tile(k + b * d * N, d, N, j0, kbuf.data(), &ldk);
-      const T* vt = tile(v + b * c * N, c, N, j0, vbuf.data(), &ldv);
-      std::fill(dkacc.begin(), dkacc.end(), T(0));
-      std::fill(dvacc.begin(), dvacc.end(), T(0));
-      for (int64_t i0 = 0; i0 < N; i0 += kTile) {
-        const int64_t ni = std::min(kTile, N - i0);
-        const T* qt = tile(q + b * d * N, d, N, i0, qbuf.data(), &ldq);
-        const T* gt = tile(go + b * c * N, c, N, i0, gbuf.data(), &ldg);
-        for (int64_t i = 0; i < kTile; ++i) L[i] = i < ni ? lse[b * N + i0 + i] : T(0);
-        gemm_tn(qt, ldq, kt, ldk, d, p.data());   // s[i][j]
-        gemm_tn(gt, ldg, vt, ldv, c, ds.data());  // dP[i][j]
-        probs_and_ds(p.data(), ds.data(), L, &D[b * ntiles * kTile + i0], ni, nj, true);
-        gemm_nn_acc(gt, ldg, p.data(), c, dvacc.data());   // dv[r][j] += sum_i go[r][i] P[i][j]
-        gemm_nn_acc(qt, ldq, ds.data(), d, dkacc.data());  // dk[t][j] += sum_i q[t][i] dS[i][j]
+  // dq = sum over the groups' buffers
+  if (G > 1) {
+    at::parallel_for(0, per_group, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t g = 1; g < G; ++g) {
+        const T* src = dq_extra.data() + (g - 1) * per_group;
+        for (int64_t x = begin; x < end; ++x) dq[x] += src[x];
       }
-      T* dkb = dk + b * d * N + j0;
-      T* dvb = dv + b * c * N + j0;
-      for (int64_t t = 0; t < d; ++t) std::copy(&dkacc[t * kTile], &dkacc[t * kTile] + nj, dkb + t * N);
-      for (int64_t r = 0; r < c; ++r) std::copy(&dvacc[r * kTile], &dvacc[r * kTile] + nj, dvb + r * N);
-    }
-  });
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_, cons
   if (s.B == 0 || s.N == 0) return {o, lse};
   check_cuda_error(unit_attn_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                                  lse.data_ptr<float>(), (int)s.B, (int)s.d, (int)s.c, (int)s.N,
-                                 at::cuda::getCurrentCUDAStream()),
+                                 c10::cuda::getCurrentCUDAStream()),
                    "forward");
   return {o, lse};
 }
@@ -550,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_cuda_error(unit_attn_bwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                                  lse.data_ptr<float>(), go.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                                  dv.data_ptr(), ws.data_ptr(), (int)s.B, (int)s.d, (int)s.c,
-                                 (int)s.N, at::cuda::getCurrentCUDAStream()),
+                                 (int)s.N, c10::cuda::getCurrentCUDAStream()),
                    "backward");
   return {dq, dk, dv};
 }

@@ -26,6 +26,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def _build(with_cuda, verbose):
     cflags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
     if with_cuda:
         cflags.append("-DWITH_CUDA")
+    lock = build_dir / "lock"  # held by cpp_extension while it builds; a killed build leaves it
+    if lock.exists():
+        if time.time() - lock.stat().st_mtime > 1800:
+            lock.unlink(missing_ok=True)  # no build takes 30 min: stale
+        elif verbose:
+            print(f"waiting for another build of the attention op to finish (if none is running, "
+                  f"delete {lock})...", file=sys.stderr, flush=True)
     so = build_dir / f"{name}.so"
     deps = sources + [CSRC / "attention_cuda.h"]
     if verbose and (not so.exists() or any(p.stat().st_mtime > so.stat().st_mtime for p in deps)):
@@ -91,7 +99,7 @@ def _register_python_side():
     @torch.library.register_fake("unit_attn::attention_fwd")
     def _fwd_fake(q, k, v):
         B, d, c, N = check(q, k, v)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return v.new_empty((B, c, N)), q.new_empty((B, N), dtype=lse_dtype)
 
     @torch.library.register_fake("unit_attn::attention_bwd")
@@ -126,18 +134,24 @@ def load(verbose: bool = True) -> bool:
     errors = []
     for with_cuda in variants:
         try:
-            _build(with_cuda, verbose)
-            _register_python_side()
-            _state.update(ok=True, cuda=with_cuda)
-            break
+            _build(with_cuda, verbose)  # compiles if needed and loads the library
         except Exception as e:  # compiler errors, missing ninja/compiler, load failures
             errors.append(f"[{'cuda' if with_cuda else 'cpu'} build] {type(e).__name__}: {e}")
+            continue
+        try:  # a loaded library cannot be unloaded: no second variant after this point
+            _register_python_side()
+            _state.update(ok=True, cuda=with_cuda)
+        except Exception as e:
+            errors.append(f"[registration] {type(e).__name__}: {e}")
+        break
     if errors:
         _state["error"] = "\n".join(errors)
         if verbose:
             what = ("the CUDA variant failed, using the CPU-only op" if _state["ok"]
                     else "falling back to PyTorch attention")
-            first = errors[0].strip().splitlines()[0][:300]
+            lines = errors[0].strip().splitlines()
+            first = next((l for l in lines if "error" in l.lower() and "Error building" not in l), lines[0])
+            first = first.strip()[:300]
             warnings.warn(f"unit/ops.py: could not build/load the fused attention op in csrc/ "
                           f"({what}): {first} -- see unit.ops.load_error() for the full log.",
                           RuntimeWarning, stacklevel=2)
