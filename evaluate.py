@@ -1,11 +1,17 @@
 """Evaluate a UNIT checkpoint on the test split of its prepared dataset.
 
     python evaluate.py runs/NAME/ckpt.pt [--data DIR] [--json FILE] [--save-images DIR]
+    python evaluate.py runs/NAME/ckpt.pt --volumes SRC --layout hcp --out DIR   # whole NIfTI volumes
 
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
 "T2" = T1w->T2w scored against the real T2w: SSIM, PSNR (dB) and MAE on [0, 1] images, over the
 whole slice and inside the brain mask, plus the identity baseline (the input slice itself scored
 as the output) for scale. Everything the model needs comes from the checkpoint.
+
+With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
+slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the
+source grid, with the source affine and header and intensities mapped back to the source scale;
+3-D SSIM, PSNR and MAE per subject are computed on the prepared [0, 1] scale.
 """
 import argparse
 import json
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 
 from unit.data import DataError, load_prepared
-from unit.metrics import mae, psnr, ssim
+from unit.metrics import mae, psnr, ssim, ssim_volume
 from unit.model import UNIT
 
 
@@ -115,6 +121,69 @@ def save_images(out_dir, t1, t2, fake_t1, fake_t2, limit=16):
         Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(os.path.join(out_dir, f"test_{i:04d}.png"))
 
 
+def evaluate_volumes(model, cfg, data, args):
+    """Translate whole test volumes of a NIfTI tree; write NIfTIs; 3-D scores per subject."""
+    import nibabel as nib
+
+    from unit.data import LAYOUT_MASK_RULE, find_subjects, prepare_subject, slices_to_nifti
+    if not args.layout or not args.out:
+        raise UserError("--volumes needs --layout (hcp, brats, ixi, folders) and --out DIR for the NIfTI files")
+    if args.layout not in LAYOUT_MASK_RULE:
+        raise UserError(f"--layout {args.layout} is not a NIfTI layout; use one of {', '.join(LAYOUT_MASK_RULE)}")
+    subjects = find_subjects(args.layout, args.volumes, hcp_space=args.hcp_space)
+    test_ids = set(data.meta.get("test_subjects", []))
+    chosen = [s for s in subjects if s.id in test_ids]
+    if not chosen:
+        print(f"note: none of the {len(subjects)} subjects in {args.volumes} is a test subject of {data.path}; "
+              f"translating all of them (some may have been seen in training)")
+        chosen = subjects
+    paired = args.layout != "ixi"
+    pct = tuple(data.meta.get("normalization", {}).get("percentiles", (0.5, 99.5)))
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for n, s in enumerate(chosen):
+        try:
+            r = prepare_subject(s, size=tuple(cfg["size"]), slices="all", percentiles=pct,
+                                resample_t2=not paired, mask_rule=LAYOUT_MASK_RULE[args.layout])
+        except DataError as e:
+            print(f"warning: skipping subject {s.id}: {e}", file=sys.stderr)
+            continue
+        fake_t2 = translate(model, r.t1, "a", args.device, cfg["channels"], args.batch_size)   # (K, H, W)
+        fake_t1 = translate(model, r.t2, "b", args.device, cfg["channels"], args.batch_size)
+        # ixi: everything lives on the T1 grid (the T2 was resampled onto it), so the T1 header fits both
+        h1 = nib.load(s.t1_path).header
+        h2 = nib.load(s.t2_path).header if paired else h1
+        slices_to_nifti(fake_t2.numpy(), r.geometry, r.t2_range, header=h2).to_filename(
+            os.path.join(args.out, f"{s.id}_t1_to_t2.nii.gz"))
+        slices_to_nifti(fake_t1.numpy(), r.geometry, r.t1_range, header=h1).to_filename(
+            os.path.join(args.out, f"{s.id}_t2_to_t1.nii.gz"))
+        row = {"subject": s.id, "slices": len(r.t1)}
+        if paired and len(r.t1) >= 11:
+            t1, t2, m = torch.from_numpy(r.t1), torch.from_numpy(r.t2), torch.from_numpy(r.mask)
+            for name, pred, real in (("T1", fake_t1, t1), ("T2", fake_t2, t2)):
+                row[name] = {"ssim3d": ssim_volume(pred, real), "ssim3d_mask": ssim_volume(pred, real, m),
+                             "psnr": (10 * torch.log10(1 / (pred.double() - real).pow(2).mean())).item(),
+                             "mae": (pred.double() - real).abs().mean().item()}
+            print(f"[{n + 1}/{len(chosen)}] {s.id}: SSIM3d T1 {row['T1']['ssim3d']:.4f} T2 {row['T2']['ssim3d']:.4f}"
+                  f"  PSNR T1 {row['T1']['psnr']:.2f} T2 {row['T2']['psnr']:.2f}  MAE T1 {row['T1']['mae']:.4f} "
+                  f"T2 {row['T2']['mae']:.4f}", flush=True)
+        else:
+            print(f"[{n + 1}/{len(chosen)}] {s.id}: written (no paired scores: "
+                  f"{'unpaired source' if not paired else 'fewer than 11 slices'})", flush=True)
+        rows.append(row)
+    scored = [r for r in rows if "T1" in r]
+    res = {"volumes": rows, "n": len(rows)}
+    if scored:
+        res["mean"] = {c: {k: float(np.mean([r[c][k] for r in scored])) for k in scored[0][c]} for c in ("T1", "T2")}
+        print(f"mean over {len(scored)} subjects: " + "  ".join(
+            f"{c}: SSIM3d {res['mean'][c]['ssim3d']:.4f} (brain {res['mean'][c]['ssim3d_mask']:.4f}) "
+            f"PSNR {res['mean'][c]['psnr']:.2f} MAE {res['mean'][c]['mae']:.4f}" for c in ("T1", "T2")))
+    elif not paired:
+        print("no paired scores: IXI's T1w and T2w are not co-registered (see data/README.md)")
+    print(f"wrote {2 * len(rows)} NIfTI files to {args.out}")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (runs/NAME/ckpt.pt)")
@@ -124,12 +193,26 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="evaluate only the first N test slices")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v = p.add_argument_group("whole volumes (NIfTI source trees, see data/README.md)")
+    v.add_argument("--volumes", metavar="SRC", help="translate the test subjects of this source tree")
+    v.add_argument("--layout", help="layout of SRC: hcp, brats, ixi or folders")
+    v.add_argument("--hcp-space", default="acpc", choices=("acpc", "mni"), help="for --layout hcp")
+    v.add_argument("--out", help="folder for the translated NIfTI volumes")
     args = p.parse_args(argv)
 
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt["config"]
     data_path = args.data or cfg["data"]
     data = load_prepared(data_path)
+    if args.volumes:
+        model = build_model(cfg).to(args.device)
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        res = evaluate_volumes(model, cfg, data, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ckpt": args.ckpt, "step": ckpt["step"], "src": args.volumes, **res}, f, indent=2)
+        return res
     if not data.paired:
         raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
                         f"are not co-registered), so translated slices have no pixel-aligned ground truth "

@@ -24,11 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
-from unit.data import (EXPECTED_TREE, MASK_RULES, DataError, PreparedWriter, Progress,  # noqa: E402
+from unit.data import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, DataError, PreparedWriter, Progress,  # noqa: E402
                        find_subjects, folder_mb, prepare_phantom, prepare_subject)
 
-# how a mask is made when the source has none
-MASK_RULE = {"hcp": "nonzero", "brats": "nonzero", "ixi": "threshold", "folders": "threshold"}
 ORIENTATION = ("volumes reoriented to canonical RAS+ (nibabel); axial slices; image rows run "
                "anterior (top) -> posterior, columns patient's left -> right (neurological "
                "convention); a subject's slices are stored inferior -> superior")
@@ -127,7 +125,7 @@ def prepare_volumes(args, created_by):
             split = "test" if used["test"] < n_test else "train"
             try:
                 r = prepare_subject(s, size=args.size, slices=args.slices, percentiles=pct,
-                                    resample_t2=(layout == "ixi"), mask_rule=MASK_RULE[layout])
+                                    resample_t2=(layout == "ixi"), mask_rule=LAYOUT_MASK_RULE[layout])
             except DataError as e:
                 if args.strict:
                     raise DataError(f"subject {s.id}: {e} (--strict stops here; without it the "
@@ -166,8 +164,8 @@ def prepare_volumes(args, created_by):
             "mask": {"counts": mask_sources,
                      "source": ("brainmask_fs.nii.gz of the subject" if layout == "hcp" else
                                 "SRC/mask/NAME" if layout == "folders" else None),
-                     "derived_rule": f"{MASK_RULE[layout]}: {MASK_RULES[MASK_RULE[layout]]}",
-                     "brain_mask": MASK_RULE[layout] == "nonzero" or set(mask_sources) == {"source"}},
+                     "derived_rule": f"{LAYOUT_MASK_RULE[layout]}: {MASK_RULES[LAYOUT_MASK_RULE[layout]]}",
+                     "brain_mask": LAYOUT_MASK_RULE[layout] == "nonzero" or set(mask_sources) == {"source"}},
             "volumes": volumes,
             "skipped": skipped,
         }

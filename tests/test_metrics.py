@@ -28,11 +28,11 @@ def test_ssim_matches_skimage(seed):
 
 
 def test_ssim_masked_is_mean_of_skimage_map_inside_mask():
-    a, b = pairs(3, (2, 40, 40))
+    a, b = pairs(3, (3, 40, 40))
     mask = np.zeros(a.shape, bool)
     mask[:, 10:30, 8:25] = True
     mine = ssim(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(mask)).numpy()
-    for i in range(2):
+    for i in range(3):
         _, smap = structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5,
                                         use_sample_covariance=False, data_range=1, full=True)
         assert mine[i] == pytest.approx(smap[mask[i]].mean(), abs=1e-4)  # mask lies inside the valid region
@@ -52,3 +52,12 @@ def test_psnr_and_mae_match_numpy():
     mask[:, 5:20, 5:30] = True
     want = [np.abs(a[i] - b[i])[mask[i]].mean() for i in range(len(a))]
     np.testing.assert_allclose(mae(ta, tb, torch.from_numpy(mask)).numpy(), want, rtol=1e-6)
+
+
+def test_ssim_volume_matches_skimage_3d():
+    from unit.metrics import ssim_volume
+    r = np.random.default_rng(7)
+    a = r.random((14, 20, 17))
+    b = np.clip(0.7 * a + 0.2 + 0.1 * r.standard_normal(a.shape), 0, 1)
+    ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
+    assert ssim_volume(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, abs=1e-4)

@@ -134,3 +134,14 @@ def test_evaluate_rejects_foreign_files(tmp_path):
                          ("missing.pt", "does not exist")):
         r = run("evaluate.py", str(tmp_path / name))
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_evaluate_refuses_unpaired_data_with_the_reason(tiny_data, tmp_path):
+    import numpy as np
+    from unit.data import write_prepared
+    out = tmp_path / "run"
+    assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
+    z = np.zeros((2, 64, 64), np.float16)
+    write_prepared(str(tmp_path / "ixi"), z, z, z, z, {"source": "ixi", "layout": "ixi", "paired": False, "seed": 0})
+    r = run("evaluate.py", str(out / "ckpt.pt"), "--data", str(tmp_path / "ixi"))
+    assert r.returncode == 2 and "not paired" in r.stderr and "co-registered" in r.stderr, r.stderr

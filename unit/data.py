@@ -776,6 +776,10 @@ MASK_RULES = {
 }
 
 
+# how each layout's mask is made when the source has none (data/prepare.py, evaluate.py --volumes)
+LAYOUT_MASK_RULE = {"hcp": "nonzero", "brats": "nonzero", "ixi": "threshold", "folders": "threshold"}
+
+
 def derive_mask(t1, t2, rule):
     """A mask for sources without one; see MASK_RULES for what each rule means."""
     if rule == "nonzero":

@@ -37,6 +37,30 @@ def ssim_map(x, y):
     return s.squeeze(1)
 
 
+def ssim_volume(x, y, mask=None):
+    """3-D SSIM of two volumes (D, H, W) in [0, 1]: the same constants with an 11x11x11 Gaussian
+    window, mean over the valid region (inside `mask` if given). Needs D, H, W >= 11."""
+    if min(x.shape) < WIN:
+        raise ValueError(f"3-D SSIM needs at least {WIN} voxels along every axis, got {tuple(x.shape)}")
+    x, y = x[None, None].double(), y[None, None].double()       # (1, 1, D, H, W)
+    g = _gaussian_window(x.device, x.dtype)
+
+    def blur(v):                                               # separable 'valid' filter, 3 axes
+        for shape in ((1, 1, WIN, 1, 1), (1, 1, 1, WIN, 1), (1, 1, 1, 1, WIN)):
+            v = F.conv3d(v, g.view(shape))
+        return v
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = K1 ** 2, K2 ** 2
+    s = (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)))[0, 0]
+    if mask is None:
+        return s.mean().item()
+    p = (WIN - 1) // 2
+    m = mask[p:-p, p:-p, p:-p].to(s.dtype)
+    return ((s * m).sum() / m.sum()).item()
+
+
 def ssim(x, y, mask=None):
     """Mean SSIM per image: (B,). With mask (B, H, W), the mean is over valid pixels inside it
     (images whose mask leaves no valid pixel get NaN)."""
