@@ -45,8 +45,11 @@ def backend():
 def attention(q, k, v):
     """o = v . softmax_keys(q^T k). q, k: (B, d, N), v: (B, c, N) -> (B, c, N)."""
     if backend() == "fused":
-        from unit.ops import fused_attention
-        return fused_attention(q, k, v)
+        from unit import ops
+        # a CPU-only build (its CUDA variant failed to compile, with a warning) still serves CPU
+        # tensors; CUDA tensors then take the reference, unless UNIT_ATTN=fused insists (and errors)
+        if ops.supports(q.device) or os.environ.get("UNIT_ATTN", "").lower() == "fused":
+            return ops.fused_attention(q, k, v)
     return attention_reference(q, k, v)
 
 
