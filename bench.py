@@ -19,7 +19,11 @@ included; GPU only). TFLOP/s counts the algorithm's FLOPs, the same for every me
   (backward = recompute S, dV, dP, dQ, dK; naive does not recompute S but is credited the same).
 "err" is ||o - o_ref|| / ||o_ref|| of the forward output on the first image, o_ref in float64.
 
-(python bench.py train, a training-step benchmark, is meant to be another subcommand here.)
+    python bench.py train                          # one UNIT training iteration (D + G step)
+    python bench.py train --attn encoder --sn --size 304x256 --width 64 --batch 8
+
+train: median seconds per train.py iteration (train_step: one D step and one G step) on random
+images, images/s (per domain), and peak memory on GPU; attention backend as train.py would pick.
 """
 
 import argparse
@@ -41,10 +45,7 @@ SDPA_BACKENDS = ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENT
 # the methods: all take q, k (B, d, N), v (B, c, N) and return o (B, c, N)
 
 
-def naive_attention(q, k, v):
-    s = torch.bmm(q.transpose(1, 2), k)  # (B, N, N), s[b, i, j] = q[:, i] . k[:, j]
-    p = torch.softmax(s, dim=-1)  # over keys j
-    return torch.bmm(v, p.transpose(1, 2))  # (B, c, N)
+from unit.attention import attention_reference as naive_attention  # bmm + softmax + bmm, (B, N, N) in memory
 
 
 def make_sdpa(backend_name):
@@ -283,6 +284,38 @@ def cmd_attention(args):
 
 
 # -----------------------------------------------------------------------------
+# python bench.py train
+
+
+def cmd_train(args):
+    from train import Config, make_optimizers, train_step
+    from unit.attention import backend
+    from unit.model import UNIT
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    H, W = (int(x) for x in args.size.lower().split("x"))
+    cfg = {**Config().__dict__, "attn": args.attn, "sn": args.sn, "charbonnier": args.charbonnier}
+    torch.manual_seed(0)
+    model = UNIT(channels=1, width=args.width, attn=args.attn, sn=args.sn).to(device)
+    opt_g, opt_d = make_optimizers(model, cfg)
+    x_a = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
+    x_b = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
+    step = lambda: train_step(model, opt_g, opt_d, x_a, x_b, cfg)   # .item() inside syncs the GPU
+    iters = args.iters or (20 if device == "cuda" else 5)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(step, device, args.warmup, iters)
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "-"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n## train step  ({name}, torch {torch.__version__}, "
+          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})\n")
+    print("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
+    print(f"| {H}x{W} | {args.width} | {args.batch} | {args.attn} ({backend() if args.attn != 'none' else '-'}) "
+          f"| {args.sn} | {ms / 1e3:.3f} | {args.batch / (ms / 1e3):.1f} | {peak} |")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
@@ -298,7 +331,17 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 10 on GPU, 3 on CPU)")
     p.set_defaults(func=cmd_attention)
-    # python bench.py train: add its subparser here
+    t = sub.add_parser("train", help="one UNIT training iteration (D + G step) on random images")
+    t.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    t.add_argument("--size", default="304x256", help="HxW (default 304x256)")
+    t.add_argument("--width", type=int, default=64, help="model width (default 64, the poster's)")
+    t.add_argument("--batch", type=int, default=8, help="images per domain (default 8)")
+    t.add_argument("--attn", default="none", choices=["none", "encoder", "generator", "both"])
+    t.add_argument("--sn", action="store_true")
+    t.add_argument("--charbonnier", action="store_true")
+    t.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
+    t.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 on GPU, 5 on CPU)")
+    t.set_defaults(func=cmd_train)
     args = parser.parse_args()
     args.func(args)
 
