@@ -86,7 +86,7 @@ def scores(pred, real, mask):
 
 def evaluate(model, data, device, channels, batch_size=16, limit=None):
     """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline.
-    Returns (results dict, translated T1 stack, translated T2 stack)."""
+    Returns (results dict, stacks): stacks holds t1, t2 (real) and fake_t1, fake_t2, (n, H, W) on CPU."""
     n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
     t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
     t2 = torch.from_numpy(np.asarray(data.test_t2[:n], dtype=np.float32))
@@ -98,7 +98,7 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
     model.train(was_training)
     res = {"n": n, "T1": scores(fake_t1, t1, mask), "T2": scores(fake_t2, t2, mask),
            "identity": scores(t2, t1, mask)}  # symmetric metrics: one row serves both columns
-    return res, fake_t1, fake_t2
+    return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2}
 
 
 def table(res):
@@ -107,13 +107,14 @@ def table(res):
     keys = [k for k in keys if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
+    fmt = lambda k, x: f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
     for row, (a, b) in (("translation", ("T1", "T2")), ("identity (input as output)", ("identity", "identity"))):
-        lines.append(f"| {row} | " + " | ".join(f"{res[a][k]:.4f} | {res[b][k]:.4f}" for k, _ in keys) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{fmt(k, res[a][k])} | {fmt(k, res[b][k])}" for k, _ in keys) + " |")
     return "\n".join(lines)
 
 
 def save_images(out_dir, t1, t2, fake_t1, fake_t2, limit=16):
-    """PNG per test slice: real T1 | T1->T2 | real T2 | T2->T1."""
+    """PNG per test slice: real T1 | T1->T2 | real T2 | T2->T1 (first `limit` slices)."""
     from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
     for i in range(min(limit, len(t1))):
@@ -224,7 +225,7 @@ def main(argv=None):
     model.load_state_dict(ckpt["model"])
     print(f"checkpoint {args.ckpt}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
           f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}")
-    res, fake_t1, fake_t2 = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
+    res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
     print(f"test split of {data_path}: {res['n']} slices of {data.shape[0]}x{data.shape[1]}; "
           f"T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
     print(table(res))
@@ -233,9 +234,7 @@ def main(argv=None):
             json.dump({"ckpt": args.ckpt, "epoch": ckpt["epoch"], "step": ckpt["step"], "data": data_path,
                        "config": cfg, **res}, f, indent=2)
     if args.save_images:
-        n = res["n"]
-        save_images(args.save_images, torch.from_numpy(np.asarray(data.test_t1[:n], np.float32)),
-                    torch.from_numpy(np.asarray(data.test_t2[:n], np.float32)), fake_t1, fake_t2)
+        save_images(args.save_images, **stacks)
         print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1)")
     return res
 

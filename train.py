@@ -309,6 +309,9 @@ def train(cfg, data, ckpt=None):
     n_params = [sum(p.numel() for p in ps) / 1e6 for ps in (model.generator_params(), model.discriminator_params())]
     print(f"model: {n_params[0]:.2f}M generator-side params, {n_params[1]:.2f}M discriminator params; "
           f"{n_train} training slices, {steps_per_epoch} steps/epoch, {total} steps in total")
+    if cfg["attn"] != "none":
+        from unit.attention import backend
+        print(f"self-attention ({cfg['attn']}): {backend()} op (UNIT_ATTN=torch|fused to choose)")
 
     stop = {"signal": None}
     def on_signal(signum, frame):
@@ -343,7 +346,7 @@ def train(cfg, data, ckpt=None):
             if step % steps_per_epoch == 0 or step == total:            # end of an epoch (or of the run)
                 e = math.ceil(step / steps_per_epoch)
                 if cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total):
-                    res, _, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
+                    res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
                     last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
                                     **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
                                     "identity_ssim": res["identity"]["ssim"]}

@@ -139,3 +139,19 @@ def test_training_step_with_the_fused_op(monkeypatch):
     assert all(math.isfinite(v) for v in losses.values())
     gammas = [m.gamma.item() for m in model.modules() if isinstance(m, SelfAttention)]
     assert len(gammas) == 4 and all(g != 0 for g in gammas)
+
+
+def test_a_fused_op_that_disagrees_is_not_used(monkeypatch):
+    """The once-per-device self-check: a wrong fused op gives one warning and the reference runs."""
+    import unit.attention as A
+    from unit import ops
+    monkeypatch.delenv("UNIT_ATTN", raising=False)
+    monkeypatch.setattr(A, "_backend", "fused")
+    monkeypatch.setattr(A, "_checked", {})
+    monkeypatch.setattr(ops, "supports", lambda device: True)
+    monkeypatch.setattr(ops, "fused_attention", lambda q, k, v: A.attention_reference(q, k, v) * 1.01)
+    q, k, v = torch.randn(1, 4, 9), torch.randn(1, 4, 9), torch.randn(1, 6, 9)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        out = A.attention(q, k, v)
+    torch.testing.assert_close(out, A.attention_reference(q, k, v))
+    assert A._checked == {"cpu": False}
