@@ -163,8 +163,7 @@ def evaluate_volumes(model, cfg, data, args):
             t1, t2, m = torch.from_numpy(r.t1), torch.from_numpy(r.t2), torch.from_numpy(r.mask)
             for name, pred, real in (("T1", fake_t1, t1), ("T2", fake_t2, t2)):
                 row[name] = {"ssim3d": ssim_volume(pred, real), "ssim3d_mask": ssim_volume(pred, real, m),
-                             "psnr": (10 * torch.log10(1 / (pred.double() - real).pow(2).mean())).item(),
-                             "mae": (pred.double() - real).abs().mean().item()}
+                             "psnr": psnr(pred[None], real[None]).item(), "mae": mae(pred[None], real[None]).item()}
             print(f"[{n + 1}/{len(chosen)}] {s.id}: SSIM3d T1 {row['T1']['ssim3d']:.4f} T2 {row['T2']['ssim3d']:.4f}"
                   f"  PSNR T1 {row['T1']['psnr']:.2f} T2 {row['T2']['psnr']:.2f}  MAE T1 {row['T1']['mae']:.4f} "
                   f"T2 {row['T2']['mae']:.4f}", flush=True)

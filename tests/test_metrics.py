@@ -61,3 +61,12 @@ def test_ssim_volume_matches_skimage_3d():
     b = np.clip(0.7 * a + 0.2 + 0.1 * r.standard_normal(a.shape), 0, 1)
     ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
     assert ssim_volume(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, abs=1e-4)
+
+
+def test_psnr_and_mae_per_volume():
+    r = np.random.default_rng(6)
+    a = r.random((2, 5, 12, 13))
+    b = np.clip(a + 0.1 * r.standard_normal(a.shape), 0, 1)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    np.testing.assert_allclose(mae(ta, tb).numpy(), np.abs(a - b).mean(axis=(1, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(psnr(ta, tb).numpy(), 10 * np.log10(1 / ((a - b) ** 2).mean(axis=(1, 2, 3))), rtol=1e-6)

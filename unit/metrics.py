@@ -72,21 +72,21 @@ def ssim(x, y, mask=None):
     return ((s * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
 
 
-def mae(x, y, mask=None):
-    """Mean absolute error per image (B,), optionally inside a mask."""
-    e = (x.double() - y.double()).abs()
+def _mean_per_item(e, mask):
+    """Mean over all but the first dim (per image (B, H, W) or per volume (B, D, H, W))."""
+    dims = tuple(range(1, e.dim()))
     if mask is None:
-        return e.mean(dim=(1, 2)).float()
+        return e.mean(dim=dims)
     m = mask.to(e.dtype)
-    return ((e * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+    return (e * m).sum(dim=dims) / m.sum(dim=dims)
+
+
+def mae(x, y, mask=None):
+    """Mean absolute error per image or volume (B,), optionally inside a mask."""
+    return _mean_per_item((x.double() - y.double()).abs(), mask).float()
 
 
 def psnr(x, y, mask=None):
-    """Peak signal-to-noise ratio in dB per image (B,), data range 1, optionally inside a mask."""
-    e = (x.double() - y.double()).pow(2)
-    if mask is None:
-        mse = e.mean(dim=(1, 2))
-    else:
-        m = mask.to(e.dtype)
-        mse = (e * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))
+    """Peak signal-to-noise ratio in dB per image or volume (B,), data range 1, optionally in a mask."""
+    mse = _mean_per_item((x.double() - y.double()).pow(2), mask)
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-20))).float()
