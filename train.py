@@ -122,6 +122,12 @@ def resolve_config(given, full, resume):
     return cfg, None, note
 
 
+def size_ok(h, w):
+    """The model halves the image twice and its discriminator five times: sides must be multiples
+    of 4 (so the generator gives the input size back) and at least 64."""
+    return h % 4 == 0 and w % 4 == 0 and min(h, w) >= 64
+
+
 def check_config(cfg, given):
     if cfg["data"] and "size" in given:
         raise UserError("--size sets the size of the built-in phantom and cannot be combined with --data; "
@@ -130,13 +136,16 @@ def check_config(cfg, given):
         h, w = (int(s) for s in str(cfg["size"]).lower().split("x"))
     except ValueError:
         raise UserError(f"--size {cfg['size']} is not HxW (e.g. 304x256)") from None
-    if h % 4 or w % 4 or h < 64 or w < 64:
+    if not size_ok(h, w):
         raise UserError(f"--size {h}x{w}: height and width must be multiples of 4 and at least 64")
     for k in ("batch_size", "epochs", "width"):
         if cfg[k] < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but torch sees no CUDA device; drop the flag to use the CPU")
+    if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
+        raise UserError(f"--device {cfg['device']} is not cpu, cuda or cuda:N")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg['device']} was given but torch sees no CUDA device; drop the flag to "
+                        f"use the CPU")
     if not cfg["out"]:
         cfg["out"] = "runs/" + "-".join([cfg["attn"]] + ["sn"] * cfg["sn"] + ["cl"] * cfg["charbonnier"] +
                                         ["rgb"] * (cfg["channels"] == 3))
@@ -156,7 +165,7 @@ def get_data(cfg, hw):
             prepare_phantom(cfg["data"], size=(h, w))
         data = load_prepared(cfg["data"])
     cfg["size"] = list(data.shape)
-    if cfg["size"][0] % 4 or cfg["size"][1] % 4 or min(cfg["size"]) < 64:
+    if not size_ok(*cfg["size"]):
         raise UserError(f"{cfg['data']} has {cfg['size'][0]}x{cfg['size'][1]} slices; the model needs both sides "
                         f"multiples of 4 and at least 64: prepare it again with data/prepare.py --size")
     return data
@@ -172,13 +181,13 @@ def make_writable(out):
         raise UserError(f"cannot write to the run folder {out} ({e.strerror}); pass a writable --out") from None
 
 
-def batch_indices(n, batch_size, seed, epoch, domain):
-    """The training slices of one domain for every step of an epoch: a fixed function of
-    (seed, epoch, domain), so a resumed run sees exactly the batches it would have seen.
-    Domains are shuffled independently: UNIT never sees a pair."""
+def batch_indices(n, steps, batch_size, seed, epoch, domain):
+    """(steps, batch_size) indices into one domain's n training slices for an epoch: a fixed
+    function of (seed, epoch, domain), so a resumed run sees exactly the batches it would have
+    seen. Domains are shuffled independently: UNIT never sees a pair."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + (domain == "b"))
-    perm = torch.randperm(n, generator=g)[: (n // batch_size) * batch_size]
-    return perm.view(-1, batch_size).sort(dim=1).values.numpy()  # sorted rows: kinder to the memmap
+    perm = torch.randperm(n, generator=g)[: steps * batch_size]
+    return perm.view(steps, batch_size).sort(dim=1).values.numpy()  # sorted rows: kinder to the memmap
 
 
 def save_checkpoint(path, model, opt_g, opt_d, cfg, epoch, step, metrics):
@@ -294,11 +303,12 @@ def train(cfg, data, ckpt=None):
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if dev == "cuda" and ckpt["rng"]["cuda"]:
+        if dev.startswith("cuda") and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     out, ch, bs = cfg["out"], cfg["channels"], cfg["batch_size"]
-    n_train = min(len(data.train_t1), len(data.train_t2))
+    n_a, n_b = len(data.train_t1), len(data.train_t2)   # differ only in unpaired PNG datasets
+    n_train = min(n_a, n_b)
     if n_train < bs:
         raise UserError(f"{cfg['data']} has {n_train} training slices, fewer than --batch-size {bs}")
     steps_per_epoch = n_train // bs
@@ -327,8 +337,8 @@ def train(cfg, data, ckpt=None):
             epoch, i = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
                 order_epoch = epoch
-                order_a = batch_indices(n_train, bs, cfg["seed"], epoch, "a")
-                order_b = batch_indices(n_train, bs, cfg["seed"], epoch, "b")
+                order_a = batch_indices(n_a, steps_per_epoch, bs, cfg["seed"], epoch, "a")
+                order_b = batch_indices(n_b, steps_per_epoch, bs, cfg["seed"], epoch, "b")
             x_a = to_model(data.train_t1[order_a[i]], ch, dev)          # (B, ch, H, W) in [-1, 1]
             x_b = to_model(data.train_t2[order_b[i]], ch, dev)
 

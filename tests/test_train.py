@@ -102,6 +102,7 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     (["--attn", "encoder", "--size", "100x98"], "multiples of 4"),
     (["--data", "DATA", "--size", "64x64"], "cannot be combined"),
     (["--batch-size", "0"], "at least 1"),
+    (["--device", "gpu"], "not cpu, cuda"),
     (["--data", "DATA", "--out", "/proc/forbidden"], "cannot write"),
 ])
 def test_train_bad_input_is_one_sentence(tiny_data, tmp_path, args, needle):
@@ -145,3 +146,14 @@ def test_evaluate_refuses_unpaired_data_with_the_reason(tiny_data, tmp_path):
     write_prepared(str(tmp_path / "ixi"), z, z, z, z, {"source": "ixi", "layout": "ixi", "paired": False, "seed": 0})
     r = run("evaluate.py", str(out / "ckpt.pt"), "--data", str(tmp_path / "ixi"))
     assert r.returncode == 2 and "not paired" in r.stderr and "co-registered" in r.stderr, r.stderr
+
+
+def test_batch_order_is_a_function_of_seed_epoch_domain():
+    import numpy as np
+    a = train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a")
+    assert a.shape == (4, 2) and len(set(a.ravel())) == 8 and a.max() < 10      # no slice twice per epoch
+    assert np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a"))
+    assert not np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="b"))
+    assert not np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=4, domain="a"))
+    b = train.batch_indices(25, 4, 2, seed=0, epoch=0, domain="b")              # unpaired: more B slices
+    assert b.max() < 25 and len(set(b.ravel())) == 8
