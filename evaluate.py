@@ -204,10 +204,10 @@ def main(argv=None):
     cfg = ckpt["config"]
     data_path = args.data or cfg["data"]
     data = load_prepared(data_path)
+    model = build_model(cfg).to(args.device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
     if args.volumes:
-        model = build_model(cfg).to(args.device)
-        model.load_state_dict(ckpt["model"])
-        model.eval()
         res = evaluate_volumes(model, cfg, data, args)
         if args.json:
             with open(args.json, "w") as f:
@@ -220,8 +220,6 @@ def main(argv=None):
     if list(data.shape) != list(cfg["size"]):
         raise UserError(f"{data_path} has slices of {data.shape[0]}x{data.shape[1]} but the checkpoint was "
                         f"trained on {cfg['size'][0]}x{cfg['size'][1]}; evaluate on data of the training size")
-    model = build_model(cfg).to(args.device)
-    model.load_state_dict(ckpt["model"])
     print(f"checkpoint {args.ckpt}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
           f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}")
     res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -366,10 +367,12 @@ def train(cfg, data, ckpt=None):
                     print(f"epoch {e} step {step}: SSIM T1 {res['T1']['ssim']:.4f} T2 {res['T2']['ssim']:.4f} "
                           f"(identity {res['identity']['ssim']:.4f}, {res['n']} test slices)")
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
-                save_checkpoint(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, e, step, last_metrics)
-                if e in save_epochs and step % steps_per_epoch == 0:
-                    save_checkpoint(os.path.join(out, f"ckpt_e{e:03d}.pt"), model, opt_g, opt_d, cfg, e, step,
-                                    last_metrics)
+                latest = os.path.join(out, "ckpt.pt")
+                save_checkpoint(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)
+                if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
+                    kept = os.path.join(out, f"ckpt_e{e:03d}.pt")
+                    shutil.copyfile(latest, kept + ".tmp")
+                    os.replace(kept + ".tmp", kept)
     finally:
         progress.done()
         log.close()
