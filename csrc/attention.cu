@@ -146,6 +146,9 @@ template <typename T> __device__ __forceinline__ float exp_shift(float s, float 
 }
 
 // ---- PTX wrappers ------------------------------------------------------------------------
+// (tests/cuda_emu compiles this file on the CPU with UNIT_CUDA_EMU defined and supplies emulated
+// versions of these functions: this guard is the only concession to it.)
+#ifndef UNIT_CUDA_EMU
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -198,6 +201,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+#endif  // UNIT_CUDA_EMU
 
 // ---- the one matrix-product helper -----------------------------------------------------
 //
