@@ -20,20 +20,20 @@
 // CUDA (only when built with -DWITH_CUDA, see unit/ops.py): float32, float16, bfloat16 with
 //      float32 accumulation, 1 <= d <= 128, 1 <= c <= 1024; kernels in attention.cu.
 //
-// The CPU kernel is flash-attention style: queries and keys are processed in tiles of kTile
-// columns, the softmax is computed online (running max m and running sum l per query), and no
-// N x N matrix is ever allocated: extra memory is O(B*N) plus a few tiles per thread.
-// Tiles are (rows x kTile) slices of the (rows x N) matrices; memory is contiguous along N, so
-// every inner loop below runs over kTile contiguous floats and vectorises.
-//
-// Backward (recompute P from lse, tile by tile):
-//   D_i   = sum_c grad_o[c, i] o[c, i]
-//   dP_ij = grad_o[:, i] . v[:, j]       dS_ij = P_ij (dP_ij - D_i)
-//   dq_i  = sum_j dS_ij k_j     dk_j = sum_i dS_ij q_i     dv_j = sum_i P_ij grad_o_i
-// It runs as one pass over key tiles: each task owns a range of key tiles (dk, dv race-free)
-// and adds its dq contributions to a dq buffer of its own group; the buffers are summed at the
-// end (details at bwd_cpu_kernel). No N x N matrix; extra memory O(B*N), at most 64 MiB of dq
-// partial sums, and a few tiles per thread.
+// The CPU kernel never holds an N x N matrix, and runs its products on the CPU BLAS that ATen
+// uses (MKL or OpenBLAS, through at::mm_out on views of the tensors' own memory):
+//   forward, per block of qb queries (a task):  S = Q_blk^T K  (qb x N, all keys at once),
+//       an exact row softmax in place (P, lse), O_blk = V P^T.
+//   backward, per block of kb keys:  S = Q^T K_blk, dP = dO^T V_blk (N x kb each),
+//       P = exp(S - lse_i), dS = P (dP - D_i), dV_blk = dO P, dK_blk = Q dS, dQ += K_blk dS^T.
+// A block is about 2 MiB of scores per thread (qb, kb = 16..256 rows; fewer at large N), so extra
+// memory is O(N) per thread, and the products are large enough for BLAS speed: on a 2-core
+// AMD EPYC (Zen 3) the forward runs at the speed of the same products done as whole matrices.
+// The backward is one pass over key blocks; a task owns a group of key blocks (dk, dv race-free)
+// and adds its dq contributions to a buffer of its group, summed at the end (at most 64 MiB).
+// What this buys over the naive bmm + softmax + bmm (bench.py attention, README): little where
+// the products dominate (d = 64, c = 512: about 1.05x), 1.3-3x where d and c are small and the
+// N x N matrices' memory traffic dominates, and O(N) instead of O(N^2) memory.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -53,8 +54,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kTile = 64;  // queries and keys per tile (unit/ops.py: CPU_TILE)
 
 // ---------------------------------------------------------------------------------------------
 // input checks shared by both backends
@@ -114,35 +113,15 @@ void check_bwd_extra(const Dims& s, const at::Tensor& q, const at::Tensor& grad_
 // ---------------------------------------------------------------------------------------------
 // CPU kernel building blocks
 
-// A (rows x kTile) tile starting at column col0 of a (rows x N) row-major matrix. A full tile is
-// used in place (leading dimension N); the last, partial tile is copied into buf with zero
-// padding (leading dimension kTile).
-template <typename T>
-const T* tile(const T* src, int64_t rows, int64_t N, int64_t col0, T* buf, int64_t* ld) {
-  const int64_t n = std::min(kTile, N - col0);
-  if (n == kTile) {
-    *ld = N;
-    return src + col0;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy(src + r * N + col0, src + r * N + col0 + n, buf + r * kTile);
-    std::fill(buf + r * kTile + n, buf + (r + 1) * kTile, T(0));
-  }
-  *ld = kTile;
-  return buf;
-}
-
-// Register-blocked micro-kernels on GCC/Clang vector types (one vector = one SIMD register of the
-// target, which is the build machine: unit/ops.py compiles with -march=native). A register block
-// is kRows rows x kVecs vectors of accumulators; kTile is a multiple of the block width.
+// The element-wise passes (exp, softmax, dS) on GCC/Clang vector types: one vector = one SIMD
+// register of the build machine (unit/ops.py compiles with -march=native).
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kRows = 4;  // 32 registers: 16 accumulators
+constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
-constexpr int kVecBytes = 32, kRows = 2;  // 16 registers: 8 accumulators
+constexpr int kVecBytes = 32;
 #else
-constexpr int kVecBytes = 16, kRows = 2;  // SSE2, NEON
+constexpr int kVecBytes = 16;  // SSE2, NEON
 #endif
-constexpr int kVecs = 4;
 
 template <typename T>
 struct Vec {
@@ -159,18 +138,6 @@ inline V loadv(const T* p) {
 template <typename V, typename T>
 inline void storev(T* p, const V& x) {
   std::memcpy(p, &x, sizeof(V));
-}
-
-// An empty asm that claims to modify x: the compiler must hold x in a register here, so it loads
-// a vector once per step instead of folding the load into every FMA that uses it (which costs
-// about 20% in these kernels with GCC 12).
-template <typename V>
-inline void keep_in_register(V& x) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  asm("" : "+v"(x));
-#else
-  (void)x;
-#endif
 }
 
 using VF = Vec<float>::type;
@@ -203,229 +170,137 @@ inline VD expv(VD x) {
   return x;
 }
 
-// out[x][y] = sum_t a[t * lda + x] * b[t * ldb + y]   for x, y < kTile; out is kTile x kTile.
-// (a^T b for two (nt x kTile) tiles: the scores s = k^T q, and dP = v^T grad_o.)
-template <typename T>
-void gemm_tn(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t nt, T* out) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width, YB = kVecs * W;
-  static_assert(kTile % YB == 0 && kTile % kRows == 0, "tile must be a multiple of the block");
-  for (int64_t x = 0; x < kTile; x += kRows) {
-    for (int64_t y = 0; y < kTile; y += YB) {
-      V acc[kRows][kVecs];
-      for (int xx = 0; xx < kRows; ++xx)
-        for (int j = 0; j < kVecs; ++j) acc[xx][j] = V{} ;
-      for (int64_t t = 0; t < nt; ++t) {
-        const T* ap = a + t * lda + x;
-        const T* bp = b + t * ldb + y;
-        V bv[kVecs];
-        for (int j = 0; j < kVecs; ++j) {
-          bv[j] = loadv<V>(bp + j * W);
-          keep_in_register(bv[j]);
-        }
-        for (int xx = 0; xx < kRows; ++xx) {
-          const T av = ap[xx];
-          for (int j = 0; j < kVecs; ++j) acc[xx][j] += av * bv[j];
-        }
-      }
-      for (int xx = 0; xx < kRows; ++xx)
-        for (int j = 0; j < kVecs; ++j) storev(out + (x + xx) * kTile + y + j * W, acc[xx][j]);
-    }
-  }
-}
-
-// acc[r][y] += sum_x a[r * lda + x] * m[x][y]   for r0 <= r < r1, x, y < kTile; acc is rows x kTile.
-// (a tile (rows x kTile) times a kTile x kTile matrix: o += v P, dq += k dS, dv += grad_o P, ...)
-template <typename T, int RR>
-void gemm_nn_rows(const T* a, int64_t lda, const T* m, int64_t r0, int64_t r1, T* acc) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width, YB = kVecs * W;
-  for (int64_t r = r0; r + RR <= r1; r += RR) {
-    for (int64_t y = 0; y < kTile; y += YB) {
-      V c[RR][kVecs];
-      for (int rr = 0; rr < RR; ++rr)
-        for (int j = 0; j < kVecs; ++j) c[rr][j] = loadv<V>(acc + (r + rr) * kTile + y + j * W);
-      for (int64_t x = 0; x < kTile; ++x) {
-        const T* mp = m + x * kTile + y;
-        V mv[kVecs];
-        for (int j = 0; j < kVecs; ++j) {
-          mv[j] = loadv<V>(mp + j * W);
-          keep_in_register(mv[j]);
-        }
-        for (int rr = 0; rr < RR; ++rr) {
-          const T av = a[(r + rr) * lda + x];
-          for (int j = 0; j < kVecs; ++j) c[rr][j] += av * mv[j];
-        }
-      }
-      for (int rr = 0; rr < RR; ++rr)
-        for (int j = 0; j < kVecs; ++j) storev(acc + (r + rr) * kTile + y + j * W, c[rr][j]);
-    }
-  }
-}
-
-template <typename T>
-void gemm_nn_acc(const T* a, int64_t lda, const T* m, int64_t rows, T* acc) {
-  const int64_t main = rows - rows % kRows;
-  gemm_nn_rows<T, kRows>(a, lda, m, 0, main, acc);
-  gemm_nn_rows<T, 1>(a, lda, m, main, rows, acc);
-}
-
 // ---------------------------------------------------------------------------------------------
-// CPU forward: one task per (batch, query tile).
+// CPU kernels: blocks of rows against all N keys or queries, products on BLAS
+
+// C (m x n) = alpha op(A) op(B) + beta C on row-major matrices with leading dimensions in
+// elements; op(X) = X^T when the flag is set (X is then stored k x m, resp. n x k). Runs through
+// ATen's mm (MKL/OpenBLAS), single-threaded inside at::parallel_for.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {  // op(X): rows x cols
+    at::Tensor x = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor out = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  if (beta == T(0) && alpha == T(1)) at::mm_out(out, view(A, m, k, lda, ta), view(B, k, n, ldb, tb));
+  else out.addmm_(view(A, m, k, lda, ta), view(B, k, n, ldb, tb), beta, alpha);
+}
+
+// rows of a block of scores, in place: p = exp(s - m) / sum, lse = m + log(sum)
+template <typename T>
+void softmax_rows(T* S, int64_t rows, int64_t N, T* lse) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const int64_t Nv = N - N % W;
+  for (int64_t i = 0; i < rows; ++i) {
+    T* r = S + i * N;
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < N; ++j) m = std::max(m, r[j]);
+    V sv{};
+    const V mv = V{} + m;
+    for (int64_t j = 0; j < Nv; j += W) {
+      const V e = expv(loadv<V>(r + j) - mv);
+      storev(r + j, e);
+      sv += e;
+    }
+    T sum = 0;
+    for (int i2 = 0; i2 < W; ++i2) sum += sv[i2];
+    for (int64_t j = Nv; j < N; ++j) sum += (r[j] = std::exp(r[j] - m));
+    const T inv = T(1) / sum;
+    for (int64_t j = 0; j < N; ++j) r[j] *= inv;
+    lse[i] = m + std::log(sum);
+  }
+}
+
+// rows of blocks, in place: P = exp(S - lse_i), dS = P (dP - D_i)  (S and dP are rows x n)
+template <typename T>
+void softmax_grad_rows(T* P, T* dS, int64_t rows, int64_t n, const T* lse, const T* D) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const int64_t nv = n - n % W;
+  for (int64_t i = 0; i < rows; ++i) {
+    T* p = P + i * n;
+    T* ds = dS + i * n;
+    const V lv = V{} + lse[i], dv = V{} + D[i];
+    for (int64_t j = 0; j < nv; j += W) {
+      const V e = expv(loadv<V>(p + j) - lv);
+      storev(p + j, e);
+      storev(ds + j, e * (loadv<V>(ds + j) - dv));
+    }
+    for (int64_t j = nv; j < n; ++j) {
+      p[j] = std::exp(p[j] - lse[i]);
+      ds[j] = p[j] * (ds[j] - D[i]);
+    }
+  }
+}
+
+// rows per block so that a block of scores (rows x N) is about kBlockElems values, a multiple of
+// 16 between 16 and 256, and small enough that B * blocks gives every thread a few tasks
+constexpr int64_t kBlockElems = 1 << 19;  // 2 MiB of float32 per scratch block and thread
+int64_t block_rows(int64_t N, int64_t B) {
+  const int64_t want_blocks = (4 * at::get_num_threads() + B - 1) / B;
+  int64_t r = std::min<int64_t>({256, kBlockElems / N, (N + want_blocks - 1) / want_blocks});
+  r = (r + 15) / 16 * 16;
+  return std::max<int64_t>(16, r);
+}
 
 template <typename T>
 void fwd_cpu_kernel(const T* q, const T* k, const T* v, T* o, T* lse, const Dims& s) {
   const int64_t B = s.B, d = s.d, c = s.c, N = s.N;
-  const int64_t ntiles = (N + kTile - 1) / kTile;
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qbuf(d * kTile), kbuf(d * kTile), vbuf(c * kTile);
-    std::vector<T> p(kTile * kTile), acc(c * kTile);  // p[j][i], acc[c][i]
-    T m[kTile], l[kTile], mnew[kTile], alpha[kTile];
+  const int64_t qb = std::min(block_rows(N, B), N), nqb = (N + qb - 1) / qb;
+  at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(qb * N);  // scores, then probabilities, of qb queries x all N keys
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ntiles, i0 = (task % ntiles) * kTile;
-      const int64_t ni = std::min(kTile, N - i0);
-      const T* qb = q + b * d * N;
-      const T* kb = k + b * d * N;
-      const T* vb = v + b * c * N;
-      int64_t ldq, ldk, ldv;
-      const T* qt = tile(qb, d, N, i0, qbuf.data(), &ldq);
-      std::fill(m, m + kTile, kNegInf);
-      std::fill(l, l + kTile, T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-        const int64_t nj = std::min(kTile, N - j0);
-        const T* kt = tile(kb, d, N, j0, kbuf.data(), &ldk);
-        const T* vt = tile(vb, c, N, j0, vbuf.data(), &ldv);
-        gemm_tn(kt, ldk, qt, ldq, d, p.data());  // p[j][i] = s_ij
-        for (int64_t j = nj; j < kTile; ++j) std::fill(&p[j * kTile], &p[(j + 1) * kTile], kNegInf);
-        // online softmax: new running max, rescale factor for the old sum and accumulator
-        std::copy(m, m + kTile, mnew);
-        for (int64_t j = 0; j < nj; ++j)
-          for (int64_t i = 0; i < kTile; ++i) mnew[i] = std::max(mnew[i], p[j * kTile + i]);
-        for (int64_t i = 0; i < kTile; ++i) {
-          alpha[i] = std::exp(m[i] - mnew[i]);  // 0 on the first tile (m = -inf)
-          l[i] *= alpha[i];
-          m[i] = mnew[i];
-        }
-        for (int64_t j = 0; j < kTile; ++j) {
-          for (int64_t i = 0; i < kTile; i += W) {
-            const V e = expv(loadv<V>(&p[j * kTile + i]) - loadv<V>(m + i));
-            storev(&p[j * kTile + i], e);
-            storev(l + i, loadv<V>(l + i) + e);
-          }
-        }
-        for (int64_t r = 0; r < c; ++r)
-          for (int64_t i = 0; i < kTile; ++i) acc[r * kTile + i] *= alpha[i];
-        gemm_nn_acc(vt, ldv, p.data(), c, acc.data());  // acc[r][i] += sum_j v[r][j] p[j][i]
-      }
-      T* ob = o + b * c * N + i0;
-      for (int64_t i = 0; i < kTile; ++i) alpha[i] = T(1) / l[i];
-      for (int64_t r = 0; r < c; ++r)
-        for (int64_t i = 0; i < ni; ++i) ob[r * N + i] = acc[r * kTile + i] * alpha[i];
-      for (int64_t i = 0; i < ni; ++i) lse[b * N + i0 + i] = m[i] + std::log(l[i]);
+      const int64_t b = task / nqb, i0 = (task % nqb) * qb, nq = std::min(qb, N - i0);
+      const T *qp = q + b * d * N, *kp = k + b * d * N, *vp = v + b * c * N;
+      gemm<T>(true, false, nq, N, d, 1, qp + i0, N, kp, N, 0, S.data(), N);         // S = Q_blk^T K
+      softmax_rows(S.data(), nq, N, lse + b * N + i0);
+      gemm<T>(false, true, c, nq, N, 1, vp, N, S.data(), N, 0, o + b * c * N + i0, N);  // O_blk = V P^T
     }
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// CPU backward: D, then one pass over (batch, group of key tiles). A task owns its key tiles, so
-// it accumulates dk and dv for them race-free; its contributions to dq (all queries) go to a
-// dq buffer of its group (group 0: dq itself), summed at the end. G groups per batch item give
-// B * G >= 4 * threads tasks for load balance; the extra buffers cost (G - 1) * B * d * N
-// values, capped at 64 MiB (fewer groups beyond that).
-
 template <typename T>
-void bwd_cpu_kernel(const T* go, const T* q, const T* k, const T* v, const T* o, const T* lse,
-                    T* dq, T* dk, T* dv, const Dims& s) {
+void bwd_cpu_kernel(const T* go, const T* q, const T* k, const T* v, const T* o, const T* lse, T* dq, T* dk,
+                    T* dv, const Dims& s) {
   const int64_t B = s.B, d = s.d, c = s.c, N = s.N;
-  const int64_t ntiles = (N + kTile - 1) / kTile;
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-
-  // D[b][i] = sum_c grad_o[b][c][i] o[b][c][i]   (B x N, padded to whole tiles with zeros)
-  std::vector<T> D(B * ntiles * kTile, T(0));
-  at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ntiles, i0 = (task % ntiles) * kTile;
-      const int64_t ni = std::min(kTile, N - i0);
-      T* Db = &D[b * ntiles * kTile + i0];
+  // D[b][i] = sum_c grad_o[b][c][i] o[b][c][i]
+  std::vector<T> D(B * N, T(0));
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < c; ++r) {
-        const T* gr = go + (b * c + r) * N + i0;
-        const T* orow = o + (b * c + r) * N + i0;
-        for (int64_t i = 0; i < ni; ++i) Db[i] += gr[i] * orow[i];
+        const T *g = go + (b * c + r) * N, *orow = o + (b * c + r) * N;
+        T* Db = &D[b * N];
+        for (int64_t i = 0; i < N; ++i) Db[i] += g[i] * orow[i];
       }
-    }
   });
-
-  const int64_t per_group = B * d * N;
-  const int64_t max_extra = (int64_t(64) << 20) / int64_t(sizeof(T));
-  int64_t G = std::min(ntiles, (4 * at::get_num_threads() + B - 1) / B);
+  const int64_t kb = std::min(block_rows(N, B), N), nkb = (N + kb - 1) / kb;
+  // G groups of key blocks per batch item; group g > 0 adds its dq to a buffer of its own
+  const int64_t per_group = B * d * N, max_extra = (int64_t(64) << 20) / int64_t(sizeof(T));
+  int64_t G = std::min(nkb, (2 * at::get_num_threads() + B - 1) / B);
   G = std::max<int64_t>(1, std::min(G, 1 + max_extra / per_group));
   std::fill(dq, dq + per_group, T(0));
   std::vector<T> dq_extra((G - 1) * per_group, T(0));
-
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qbuf(d * kTile), gbuf(c * kTile), kbuf(d * kTile), vbuf(c * kTile);
-    std::vector<T> p(kTile * kTile), ds(kTile * kTile), dst(kTile * kTile);  // p, ds: [i][j]
-    std::vector<T> dkacc(d * kTile), dvacc(c * kTile), dqacc(d * kTile);
-    T L[kTile];
+    std::vector<T> P(N * kb), dS(N * kb);  // all N queries x kb keys
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;
-      T* dqb = (g == 0 ? dq : dq_extra.data() + (g - 1) * per_group) + b * d * N;
-      for (int64_t jt = g * ntiles / G; jt < (g + 1) * ntiles / G; ++jt) {
-        const int64_t j0 = jt * kTile, nj = std::min(kTile, N - j0);
-        int64_t ldq, ldg, ldk, ldv;
-        const T* kt = tile(k + b * d * N, d, N, j0, kbuf.data(), &ldk);
-        const T* vt = tile(v + b * c * N, c, N, j0, vbuf.data(), &ldv);
-        std::fill(dkacc.begin(), dkacc.end(), T(0));
-        std::fill(dvacc.begin(), dvacc.end(), T(0));
-        for (int64_t i0 = 0; i0 < N; i0 += kTile) {
-          const int64_t ni = std::min(kTile, N - i0);
-          const T* qt = tile(q + b * d * N, d, N, i0, qbuf.data(), &ldq);
-          const T* gt = tile(go + b * c * N, c, N, i0, gbuf.data(), &ldg);
-          const T* Dt = &D[b * ntiles * kTile + i0];
-          for (int64_t i = 0; i < kTile; ++i) L[i] = i < ni ? lse[b * N + i0 + i] : T(0);
-          gemm_tn(qt, ldq, kt, ldk, d, p.data());   // s[i][j]
-          gemm_tn(gt, ldg, vt, ldv, c, ds.data());  // dP[i][j]
-          // P = exp(s - lse_i), dS = P (dP - D_i); zero outside the ni x nj valid block
-          for (int64_t i = 0; i < kTile; ++i) {
-            T* pi = &p[i * kTile];
-            T* dsi = &ds[i * kTile];
-            if (i >= ni) {
-              std::fill(pi, pi + kTile, T(0));
-              std::fill(dsi, dsi + kTile, T(0));
-              continue;
-            }
-            const V lv = V{} + L[i], dv_ = V{} + Dt[i];
-            for (int64_t j = 0; j < kTile; j += W) {
-              const V pv = expv(loadv<V>(pi + j) - lv);
-              storev(pi + j, pv);
-              storev(dsi + j, pv * (loadv<V>(dsi + j) - dv_));
-            }
-            for (int64_t j = nj; j < kTile; ++j) pi[j] = dsi[j] = T(0);
-          }
-          gemm_nn_acc(gt, ldg, p.data(), c, dvacc.data());   // dv[r][j] += sum_i go[r][i] P[i][j]
-          gemm_nn_acc(qt, ldq, ds.data(), d, dkacc.data());  // dk[t][j] += sum_i q[t][i] dS[i][j]
-          // dq[t][i] += sum_j k[t][j] dS[i][j]: needs dS^T as the [j][i] operand
-          for (int64_t j = 0; j < kTile; ++j)
-            for (int64_t i = 0; i < kTile; ++i) dst[j * kTile + i] = ds[i * kTile + j];
-          std::fill(dqacc.begin(), dqacc.end(), T(0));
-          gemm_nn_acc(kt, ldk, dst.data(), d, dqacc.data());
-          for (int64_t t = 0; t < d; ++t)
-            for (int64_t i = 0; i < ni; ++i) dqb[t * N + i0 + i] += dqacc[t * kTile + i];
-        }
-        T* dkb = dk + b * d * N + j0;
-        T* dvb = dv + b * c * N + j0;
-        for (int64_t t = 0; t < d; ++t) std::copy(&dkacc[t * kTile], &dkacc[t * kTile] + nj, dkb + t * N);
-        for (int64_t r = 0; r < c; ++r) std::copy(&dvacc[r * kTile], &dvacc[r * kTile] + nj, dvb + r * N);
+      const T *qp = q + b * d * N, *kp = k + b * d * N, *vp = v + b * c * N, *gp = go + b * c * N;
+      T* dqp = (g == 0 ? dq : dq_extra.data() + (g - 1) * per_group) + b * d * N;
+      for (int64_t jb = g * nkb / G; jb < (g + 1) * nkb / G; ++jb) {
+        const int64_t j0 = jb * kb, nk = std::min(kb, N - j0);
+        gemm<T>(true, false, N, nk, d, 1, qp, N, kp + j0, N, 0, P.data(), nk);   // S = Q^T K_blk
+        gemm<T>(true, false, N, nk, c, 1, gp, N, vp + j0, N, 0, dS.data(), nk);  // dP = dO^T V_blk
+        softmax_grad_rows(P.data(), dS.data(), N, nk, lse + b * N, &D[b * N]);
+        gemm<T>(false, false, c, nk, N, 1, gp, N, P.data(), nk, 0, dv + b * c * N + j0, N);   // dV = dO P
+        gemm<T>(false, false, d, nk, N, 1, qp, N, dS.data(), nk, 0, dk + b * d * N + j0, N);  // dK = Q dS
+        gemm<T>(false, true, d, N, nk, 1, kp + j0, N, dS.data(), nk, 1, dqp, N);             // dQ += K dS^T
       }
     }
   });
-
-  // dq = sum over the groups' buffers
   if (G > 1) {
     at::parallel_for(0, per_group, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t g = 1; g < G; ++g) {
@@ -497,21 +372,30 @@ unit_attn_dtype cuda_dtype(at::ScalarType t) {
   return UNIT_ATTN_F32;  // unreachable
 }
 
-void check_cuda_limits(const Dims& s, const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "unit_attn (csrc/attention.cpp): expected CUDA tensors.");
-  TORCH_CHECK(s.d >= 1 && s.d <= 128 && s.c >= 1 && s.c <= 1024,
-              "unit_attn (csrc/attention.cpp): the CUDA kernels need 1 <= d <= 128 and "
-              "1 <= c <= 1024; got d = ", s.d, ", c = ", s.c, ". Use the PyTorch attention path "
-              "(UNIT_ATTN=torch) for these sizes.");
-  const int64_t kMax = std::numeric_limits<int>::max();
-  const int64_t numel = s.B * std::max(s.c, s.d) * s.N;
-  TORCH_CHECK(numel <= kMax, "unit_attn (csrc/attention.cpp): tensors too large for the CUDA "
-              "kernels (B * max(c, d) * N = ", numel, " must fit in int32); split the batch.");
+void check_cuda_error(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "unit_attn (csrc/attention.cu): ", what, " failed: ", cudaGetErrorString(err), ".");
 }
 
-void check_cuda_error(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "unit_attn (csrc/attention.cu): the ", what,
-              " kernel failed: ", cudaGetErrorString(err), ".");
+// "" if the CUDA kernels can run these sizes in this dtype on `device`, else why not (from
+// unit_attn_supported in attention.cu: sizes, compute capability, shared memory per block).
+std::string cuda_supported(at::ScalarType dtype, int64_t B, int64_t d, int64_t c, int64_t N, at::Device device) {
+  TORCH_CHECK(device.is_cuda(), "unit_attn::cuda_supported: expected a CUDA device, got ", device, ".");
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16)
+    return std::string("dtype ") + c10::toString(dtype) + ": the CUDA kernels take float32, float16 and bfloat16";
+  const int64_t kMax = std::numeric_limits<int>::max();
+  if (B > kMax || d > kMax || c > kMax || N > kMax) return "sizes beyond int32";
+  if (B == 0 || N == 0) return "";  // empty outputs, no kernel runs
+  const c10::cuda::CUDAGuard guard(device);
+  const char* why = nullptr;
+  check_cuda_error(unit_attn_supported(cuda_dtype(dtype), (int)B, (int)d, (int)c, (int)N, &why), "the device query");
+  return why ? why : "";
+}
+
+void check_cuda_limits(const Dims& s, const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "unit_attn (csrc/attention.cpp): expected CUDA tensors.");
+  const std::string why = cuda_supported(q.scalar_type(), s.B, s.d, s.c, s.N, q.device());
+  TORCH_CHECK(why.empty(), "unit_attn (csrc/attention.cpp): the CUDA kernels cannot run this: ", why,
+              ". Use UNIT_ATTN=sdpa (or auto, which picks it for such shapes).");
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
@@ -527,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_, cons
   check_cuda_error(unit_attn_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                                  lse.data_ptr<float>(), (int)s.B, (int)s.d, (int)s.c, (int)s.N,
                                  c10::cuda::getCurrentCUDAStream()),
-                   "forward");
+                   "the forward kernel");
   return {o, lse};
 }
 
@@ -550,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                                  lse.data_ptr<float>(), go.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                                  dv.data_ptr(), ws.data_ptr(), (int)s.B, (int)s.d, (int)s.c,
                                  (int)s.N, c10::cuda::getCurrentCUDAStream()),
-                   "backward");
+                   "the backward kernels");
   return {dq, dk, dv};
 }
 #endif  // WITH_CUDA
@@ -561,6 +445,9 @@ TORCH_LIBRARY(unit_attn, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor o, Tensor lse)");
   m.def("attention_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse) "
         "-> (Tensor dq, Tensor dk, Tensor dv)");
+#ifdef WITH_CUDA
+  m.def("cuda_supported(ScalarType dtype, int B, int d, int c, int N, Device device) -> str", &cuda_supported);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(unit_attn, CPU, m) {

@@ -79,8 +79,9 @@
 // Resources (ptxas, 16-bit types, d <= 64 / d = 128): forward 168 / 208 registers, 72 / 99 KB
 //   smem -> 3 / 2 CTAs per SM; dq/dk 166 / 216 registers, 63 / 81 KB; dv 128-168 registers,
 //   72.5 / 99.5 KB. fp32: 128-168 registers, 68-119 KB smem. All fit sm_80 (163 KB) and sm_90
-//   (227 KB); on sm_86/sm_89 (99 KB) fp32 at d > 32 and the 16-bit dv kernel at d > 64 do not:
-//   the launcher then returns cudaFuncSetAttribute's error.
+//   (227 KB); on sm_86/sm_89 (99 KB) fp32 at d > 64 (119 KB) and the 16-bit dv kernel at d > 64
+//   (99.5 KB) do not: unit_attn_supported() says so, and the launcher would return
+//   cudaFuncSetAttribute's error.
 // Tuning knobs to try on a GPU: kBC = 256 (halves the S recompute and exps, 2 CTAs/SM),
 //   kCC = 128 (half the barriers in dq/dk), 8 warps per CTA.
 //   Not done: wgmma/TMA (sm_90a), keeping P in registers, split-K for the forward at tiny B*N.
@@ -91,7 +92,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdio.h>
 
+#include <mutex>
 #include <type_traits>
 
 namespace {
@@ -727,8 +730,14 @@ __global__ void attn_bwd_convert_kernel(const float* __restrict__ dq_acc, const 
 
 // ---- host side -------------------------------------------------------------------------------
 
-bool sizes_ok(int B, int d, int c, int N) {
-  return B >= 1 && B <= 65535 && d >= 1 && d <= 128 && c >= 1 && c <= 1024 && N >= 1;
+// Why these sizes cannot run, or nullptr: the limits of the kernels' tiles, grids and int32 indexing.
+const char* sizes_problem(int B, int d, int c, int N) {
+  if (B < 1 || d < 1 || c < 1 || N < 1) return "B, d, c and N must be at least 1";
+  if (d > 128) return "d > 128 (q and k tiles hold at most 128 features)";
+  if (c > 1024) return "c > 1024";
+  if (B > 65535) return "B > 65535 (the grid's z dimension)";
+  if ((long long)B * (c > d ? c : d) * N > 2147483647LL) return "B * max(c, d) * N does not fit in int32";
+  return nullptr;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -748,24 +757,75 @@ struct Workspace {
   }
 };
 
-cudaError_t sm_count(int* sms) {
+// ---- per-device facts and per-kernel launch attributes, queried once per device -----------------
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  int id = -1, cc_major = 0, cc_minor = 0, sms = 0, smem_optin = 0;
+};
+
+// The current device's compute capability, SM count and per-block shared-memory limit (cached;
+// a failed query is not cached, so it is asked again next time).
+cudaError_t current_device(DeviceInfo* out) {
+  static std::mutex mu;
+  static DeviceInfo cache[kMaxDevices];
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceInfo& info = cache[dev];
+  if (info.id < 0) {
+    DeviceInfo q;
+    if ((err = cudaDeviceGetAttribute(&q.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess ||
+        (err = cudaDeviceGetAttribute(&q.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess ||
+        (err = cudaDeviceGetAttribute(&q.sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
+        (err = cudaDeviceGetAttribute(&q.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
+      return err;
+    q.id = dev;
+    info = q;
+  }
+  *out = info;
+  return cudaSuccess;
 }
 
-template <typename Kernel> cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+// Once per kernel and device: raise the kernel's dynamic shared-memory limit to what it uses
+// (needed above 48 KB) and ask how many of its blocks fit on one SM.
+template <auto Kernel>
+cudaError_t prepare_kernel(const DeviceInfo& dev, size_t smem, int* blocks_per_sm) {
+  static std::mutex mu;
+  static int blocks[kMaxDevices];  // 0 until prepared on that device
+  std::lock_guard<std::mutex> lock(mu);
+  if (blocks[dev.id] == 0) {
+    cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+    int n = 0;
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem)) != cudaSuccess) return err;
+    blocks[dev.id] = n > 0 ? n : 1;
+  }
+  *blocks_per_sm = blocks[dev.id];
+  return cudaSuccess;
+}
+
+// The largest dynamic shared memory of the forward, dq/dk and dV kernels that d selects.
+template <typename T, int DP> size_t smem_needed() {
+  const size_t f = FwdSmem<T, DP>::bytes, q = DqdkSmem<T, DP>::bytes, v = DvSmem<T, DP>::bytes;
+  return f > q ? (f > v ? f : v) : (q > v ? q : v);
+}
+template <typename T> size_t smem_needed(int d) {
+  return d <= 32 ? smem_needed<T, 32>() : d <= 64 ? smem_needed<T, 64>() : smem_needed<T, 128>();
 }
 
 template <typename T, int DP>
 cudaError_t fwd_launch(const T* q, const T* k, const T* v, T* o, float* lse, int B, int d, int c, int N,
                        bool vec_ok, cudaStream_t stream) {
-  auto kernel = attn_fwd_kernel<T, DP>;
+  constexpr auto kernel = attn_fwd_kernel<T, DP>;
   const size_t smem = FwdSmem<T, DP>::bytes;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
+  DeviceInfo dev;
+  int per_sm = 0;
+  cudaError_t err = current_device(&dev);
+  if (err != cudaSuccess || (err = prepare_kernel<kernel>(dev, smem, &per_sm)) != cudaSuccess) return err;
   const dim3 grid(ceil_div(N, kTile), ceil_div(c, kBC), B);
   kernel<<<grid, kThreads, smem, stream>>>(q, k, v, o, lse, d, c, N, vec_ok);
   return cudaGetLastError();
@@ -785,12 +845,15 @@ cudaError_t fwd_typed(const void* q, const void* k, const void* v, void* o, floa
 template <typename T, int DP>
 cudaError_t bwd_launch(const T* q, const T* k, const T* v, const T* o, const float* lse, const T* dout, T* dq,
                        T* dk, T* dv, char* ws, int B, int d, int c, int N, bool vec_ok, cudaStream_t stream) {
+  DeviceInfo dev;
+  cudaError_t err = current_device(&dev);
+  if (err != cudaSuccess) return err;
   const Workspace w(B, d, N);
   float* D = reinterpret_cast<float*>(ws + w.D);
   float* dq_acc = reinterpret_cast<float*>(ws + w.dq);
   float* dk_acc = reinterpret_cast<float*>(ws + w.dk);
   const size_t bdn = (size_t)B * d * N;
-  cudaError_t err = cudaMemsetAsync(ws + w.dq, 0, w.bytes - w.dq, stream);  // both accumulators
+  err = cudaMemsetAsync(ws + w.dq, 0, w.bytes - w.dq, stream);  // both accumulators
   if (err != cudaSuccess) return err;
 
   // 1. D = rowsum(dO * O)
@@ -799,15 +862,12 @@ cudaError_t bwd_launch(const T* q, const T* k, const T* v, const T* o, const flo
 
   // 2. dQ, dK. Split the keys when (query tiles x B) alone would not fill the GPU.
   {
-    auto kernel = attn_bwd_dqdk_kernel<T, DP>;
+    constexpr auto kernel = attn_bwd_dqdk_kernel<T, DP>;
     const size_t smem = DqdkSmem<T, DP>::bytes;
-    if ((err = allow_smem(kernel, smem)) != cudaSuccess) return err;
-    int sms = 0, per_sm = 0;
-    if ((err = sm_count(&sms)) != cudaSuccess) return err;
-    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem)) != cudaSuccess)
-      return err;
+    int per_sm = 0;
+    if ((err = prepare_kernel<kernel>(dev, smem, &per_sm)) != cudaSuccess) return err;
     const int nqt = ceil_div(N, kTile), ntk = nqt;
-    const long long ctas = (long long)nqt * B, want = (long long)sms * (per_sm > 0 ? per_sm : 1);
+    const long long ctas = (long long)nqt * B, want = (long long)dev.sms * per_sm;
     int splits = (int)((want + ctas - 1) / ctas);
     splits = splits < 1 ? 1 : (splits > ntk ? ntk : splits);
     const int kt_per = ceil_div(ntk, splits);
@@ -819,9 +879,10 @@ cudaError_t bwd_launch(const T* q, const T* k, const T* v, const T* o, const flo
 
   // 3. dV
   {
-    auto kernel = attn_bwd_dv_kernel<T, DP>;
+    constexpr auto kernel = attn_bwd_dv_kernel<T, DP>;
     const size_t smem = DvSmem<T, DP>::bytes;
-    if ((err = allow_smem(kernel, smem)) != cudaSuccess) return err;
+    int per_sm = 0;
+    if ((err = prepare_kernel<kernel>(dev, smem, &per_sm)) != cudaSuccess) return err;
     kernel<<<dim3(ceil_div(N, kTile), ceil_div(c, kBC), B), kThreads, smem, stream>>>(q, k, dout, lse, dv, d, c,
                                                                                        N, vec_ok);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -855,7 +916,7 @@ cudaError_t bwd_typed(const void* q, const void* k, const void* v, const void* o
 
 extern "C" cudaError_t unit_attn_fwd(unit_attn_dtype dtype, const void* q, const void* k, const void* v, void* o,
                                      float* lse, int B, int d, int c, int N, cudaStream_t stream) {
-  if (!sizes_ok(B, d, c, N) || !q || !k || !v || !o || !lse) return cudaErrorInvalidValue;
+  if (sizes_problem(B, d, c, N) || !q || !k || !v || !o || !lse) return cudaErrorInvalidValue;
   switch (dtype) {
     case UNIT_ATTN_F32: return fwd_typed<float>(q, k, v, o, lse, B, d, c, N, stream);
     case UNIT_ATTN_F16: return fwd_typed<__half>(q, k, v, o, lse, B, d, c, N, stream);
@@ -867,14 +928,14 @@ extern "C" cudaError_t unit_attn_fwd(unit_attn_dtype dtype, const void* q, const
 extern "C" size_t unit_attn_bwd_workspace_bytes(unit_attn_dtype dtype, int B, int d, int c, int N) {
   (void)dtype;
   (void)c;
-  if (!sizes_ok(B, d, c, N)) return 0;
+  if (sizes_problem(B, d, c, N)) return 0;
   return Workspace(B, d, N).bytes;
 }
 
 extern "C" cudaError_t unit_attn_bwd(unit_attn_dtype dtype, const void* q, const void* k, const void* v,
                                      const void* o, const float* lse, const void* grad_o, void* dq, void* dk,
                                      void* dv, void* workspace, int B, int d, int c, int N, cudaStream_t stream) {
-  if (!sizes_ok(B, d, c, N) || !q || !k || !v || !o || !lse || !grad_o || !dq || !dk || !dv || !workspace)
+  if (sizes_problem(B, d, c, N) || !q || !k || !v || !o || !lse || !grad_o || !dq || !dk || !dv || !workspace)
     return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(workspace) & 255) != 0) return cudaErrorInvalidValue;
   switch (dtype) {
@@ -884,4 +945,32 @@ extern "C" cudaError_t unit_attn_bwd(unit_attn_dtype dtype, const void* q, const
       return bwd_typed<__nv_bfloat16>(q, k, v, o, lse, grad_o, dq, dk, dv, workspace, B, d, c, N, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t unit_attn_supported(unit_attn_dtype dtype, int B, int d, int c, int N, const char** why) {
+  thread_local char buf[200];
+  *why = sizes_problem(B, d, c, N);
+  if (*why) return cudaSuccess;
+  DeviceInfo dev;
+  const cudaError_t err = current_device(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev.cc_major < 8) {
+    snprintf(buf, sizeof buf, "compute capability %d.%d: the kernels need 8.0 or newer (cp.async, bf16 mma.sync)",
+             dev.cc_major, dev.cc_minor);
+    *why = buf;
+    return cudaSuccess;
+  }
+  size_t need = 0;
+  switch (dtype) {
+    case UNIT_ATTN_F32: need = smem_needed<float>(d); break;
+    case UNIT_ATTN_F16: need = smem_needed<__half>(d); break;
+    case UNIT_ATTN_BF16: need = smem_needed<__nv_bfloat16>(d); break;
+    default: *why = "dtype is not float32, float16 or bfloat16"; return cudaSuccess;
+  }
+  if (need > (size_t)dev.smem_optin) {
+    snprintf(buf, sizeof buf, "at d = %d this dtype needs %zu KB of shared memory per block; this GPU allows %d KB",
+             d, need / 1024, dev.smem_optin / 1024);
+    *why = buf;
+  }
+  return cudaSuccess;
 }

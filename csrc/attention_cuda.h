@@ -10,6 +10,8 @@
 // Limits: 1 <= d <= 128, 1 <= c <= 1024, N >= 1, B >= 1.
 // The caller has set the current device (device guard) and passes the current stream.
 // Launchers return cudaSuccess or the first CUDA error (cudaErrorInvalidValue for bad sizes).
+// Per-device attributes and each kernel's shared-memory attribute and occupancy are set/queried once
+// per device (the first launch there), not on every call.
 #pragma once
 #include <cuda_runtime.h>
 #include <stddef.h>
@@ -34,6 +36,12 @@ cudaError_t unit_attn_bwd(unit_attn_dtype dtype, const void* q, const void* k, c
                           const void* o, const float* lse, const void* grad_o,
                           void* dq, void* dk, void* dv, void* workspace,
                           int B, int d, int c, int N, cudaStream_t stream);
+
+// Whether the kernels can run these sizes on the current device: *why = nullptr if they can, else
+// a sentence saying why not (sizes beyond the limits above, compute capability below 8.0, or more
+// shared memory per block than the device allows, e.g. fp32 at d > 32 on sm_86/sm_89). The
+// device's attributes are queried once and cached.
+cudaError_t unit_attn_supported(unit_attn_dtype dtype, int B, int d, int c, int N, const char** why);
 
 #ifdef __cplusplus
 }

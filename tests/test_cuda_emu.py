@@ -42,7 +42,7 @@ def dev():
 def gpu(dev):
     """The emulated device, back to an H100 (132 SMs) with no error pending after each test."""
     yield dev
-    dev.configure()
+    dev.use_device()
     dev.reset()
 
 
@@ -86,7 +86,7 @@ def test_backward_key_splits(gpu, sms):
     # The dq/dk kernel splits the key tiles so that (query tiles x B x splits) fills the GPU:
     # 1 SM -> one split, 2 SMs -> 2 splits of 2 key tiles, 132 SMs -> one split per key tile (4).
     # dq and dk then gather contributions of several blocks through fp32 atomics.
-    gpu.configure(sms=sms)
+    gpu.use_device(sms=sms)
     for dtype in (torch.float32, torch.bfloat16):
         check(gpu, (1, 64, 64, 256), dtype, seed=sms)
 
@@ -118,10 +118,43 @@ def test_sizes_beyond_the_kernels_are_refused(gpu, B, d, c):
     assert rc == 1 and gpu.stat("launches") == 0
 
 
+def test_launch_attributes_are_queried_once_per_device(gpu):
+    # cudaFuncSetAttribute, the occupancy query and the device attributes: on the first calls on a
+    # device only, never again (the same shape, and another one)
+    gpu.use_device(sms=100)
+    q, k, v, go = make_inputs(1, 64, 32, 136, dtype=torch.bfloat16)
+    o, lse = gpu.fwd(q, k, v)
+    gpu.bwd(go, q, k, v, o, lse)
+    counts = {n: gpu.stat(n) for n in ("set_attribute", "occupancy", "device_attribute")}
+    assert counts["set_attribute"] == 3 and counts["device_attribute"] == 4, counts  # fwd, dq/dk, dV kernels
+    for shape in ((1, 64, 32, 136), (2, 40, 100, 70)):  # d = 40 and 64 use the same kernels
+        q, k, v, go = make_inputs(*shape, dtype=torch.bfloat16)
+        o, lse = gpu.fwd(q, k, v)
+        gpu.bwd(go, q, k, v, o, lse)
+    assert {n: gpu.stat(n) for n in counts} == counts
+
+
+def test_supported_says_why_not(gpu):
+    assert gpu.supported(torch.float32, 8, 64, 512, 4864) is None        # the UNIT shapes on an H100
+    assert gpu.supported(torch.bfloat16, 8, 32, 256, 19456) is None
+    assert gpu.supported(torch.float32, 8, 128, 1024, 4864) is None
+    assert "d > 128" in gpu.supported(torch.float32, 1, 129, 8, 10)
+    assert "c > 1024" in gpu.supported(torch.float32, 1, 8, 1025, 10)
+    assert "65535" in gpu.supported(torch.float32, 65536, 8, 8, 10)
+    assert "int32" in gpu.supported(torch.float32, 64, 8, 1024, 40000)
+    gpu.use_device(cc=(8, 6), smem_block_optin=99 * 1024, smem_sm=100 * 1024)  # an RTX 3090 / A40
+    assert gpu.supported(torch.float32, 1, 64, 256, 100) is None  # 85 KB per block
+    assert "shared memory" in gpu.supported(torch.float32, 1, 65, 256, 100)  # 119 KB
+    assert gpu.supported(torch.bfloat16, 1, 64, 512, 100) is None
+    assert "99 KB" in gpu.supported(torch.bfloat16, 1, 128, 512, 100)  # the dV kernel: 99.5 KB
+    gpu.use_device(cc=(7, 5))  # a T4
+    assert "compute capability 7.5" in gpu.supported(torch.bfloat16, 1, 64, 512, 100)
+
+
 def test_sm86_shared_memory_limit_is_reported(gpu):
     # sm_86/sm_89 give a block at most 99 KB: the fp32 d=128 forward needs more, and the launcher
     # must return cudaFuncSetAttribute's error, not launch
-    gpu.configure(cc=(8, 6), smem_block_optin=99 * 1024, smem_sm=100 * 1024)
+    gpu.use_device(cc=(8, 6), smem_block_optin=99 * 1024, smem_sm=100 * 1024)
     q, k, v, _ = make_inputs(1, 128, 8, 64, dtype=torch.float32)
     with pytest.raises(EmuError, match="CUDA error 1"):
         gpu.fwd(q, k, v)

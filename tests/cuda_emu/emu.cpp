@@ -43,7 +43,11 @@ struct Device {
   int sms = 132, cc_major = 9, cc_minor = 0;
   int smem_block_default = 48 * 1024, smem_block_optin = 227 * 1024, smem_sm = 228 * 1024;
   int max_threads_sm = 2048, max_blocks_sm = 32, regs_sm = 65536, regs_per_thread = 168;
-} g_dev;
+};
+constexpr int kDevices = 8;
+Device g_devices[kDevices];  // emu_configure sets them up; cudaGetDevice answers g_current
+int g_current = 0;
+Device& cur_dev() { return g_devices[g_current]; }
 
 struct Stats {
   long launches = 0, blocks = 0, set_attribute = 0, occupancy = 0, device_attribute = 0, get_device = 0,
@@ -55,7 +59,9 @@ cudaError_t g_sticky = cudaSuccess;  // a device fault: every later call returns
 cudaError_t g_last = cudaSuccess;    // cudaGetLastError
 cudaStream_t g_expect_stream = nullptr;
 bool g_check_stream = false;
-std::map<const void*, int> g_smem_limit;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
+// (kernel, device) -> cudaFuncAttributeMaxDynamicSharedMemorySize; like a CUDA context, it
+// outlives errors and emu_reset()
+std::map<std::pair<const void*, int>, int> g_smem_limit;
 
 // ---------------------------------------------------------------------------------------------
 // device allocations (emu_malloc) and their shadow state
@@ -791,21 +797,22 @@ void emu_mma_m16n8k16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, int
 cudaError_t cudaGetDevice(int* device) {
   ++g_stats.get_device;
   if (g_sticky) return g_sticky;
-  *device = 0;
+  *device = g_current;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   ++g_stats.device_attribute;
   if (g_sticky) return g_sticky;
-  if (device != 0) return g_last = cudaErrorInvalidDevice;
+  if (device < 0 || device >= kDevices) return g_last = cudaErrorInvalidDevice;
+  const Device& D = g_devices[device];
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = g_dev.sms; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = g_dev.cc_major; break;
-    case cudaDevAttrComputeCapabilityMinor: *value = g_dev.cc_minor; break;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = g_dev.smem_block_default; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = g_dev.smem_block_optin; break;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = g_dev.smem_sm; break;
+    case cudaDevAttrMultiProcessorCount: *value = D.sms; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = D.cc_major; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = D.cc_minor; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = D.smem_block_default; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = D.smem_block_optin; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = D.smem_sm; break;
     default: return g_last = cudaErrorInvalidValue;
   }
   return cudaSuccess;
@@ -814,9 +821,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 cudaError_t emu_func_set_attribute(const void* fn, cudaFuncAttribute attr, int value) {
   ++g_stats.set_attribute;
   if (g_sticky) return g_sticky;
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > g_dev.smem_block_optin)
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > cur_dev().smem_block_optin)
     return g_last = cudaErrorInvalidValue;
-  g_smem_limit[fn] = value;
+  g_smem_limit[{fn, g_current}] = value;
   return cudaSuccess;
 }
 
@@ -825,9 +832,9 @@ cudaError_t emu_occupancy(int* blocks, const void* fn, int threads, size_t smem)
   if (g_sticky) return g_sticky;
   (void)fn;
   const int warps = (threads + 31) / 32;
-  int n = std::min(g_dev.max_blocks_sm, g_dev.max_threads_sm / (32 * warps));
-  n = std::min(n, g_dev.regs_sm / (g_dev.regs_per_thread * 32 * warps));  // an estimate: no ptxas here
-  if (smem) n = std::min(n, (int)(g_dev.smem_sm / (smem + 1024)));      // 1 KB reserved per block
+  int n = std::min(cur_dev().max_blocks_sm, cur_dev().max_threads_sm / (32 * warps));
+  n = std::min(n, cur_dev().regs_sm / (cur_dev().regs_per_thread * 32 * warps));  // an estimate: no ptxas here
+  if (smem) n = std::min(n, (int)(cur_dev().smem_sm / (smem + 1024)));      // 1 KB reserved per block
   *blocks = std::max(n, 0);
   return cudaSuccess;
 }
@@ -893,9 +900,10 @@ void emu_run_launch(const void* fn, const char* name, int line, dim3 grid, dim3 
     g_last = cudaErrorInvalidConfiguration;
     return;
   }
-  auto it = g_smem_limit.find(fn);
-  const size_t limit = it != g_smem_limit.end() ? (size_t)std::max(it->second, g_dev.smem_block_default)
-                                                : (size_t)g_dev.smem_block_default;
+  auto it = g_smem_limit.find({fn, g_current});
+  const size_t limit = std::min((size_t)cur_dev().smem_block_optin,
+                                it != g_smem_limit.end() ? (size_t)std::max(it->second, cur_dev().smem_block_default)
+                                                         : (size_t)cur_dev().smem_block_default);
   if (smem > limit || smem > smem_capacity) {
     g_last = cudaErrorInvalidValue;  // "too many resources": over 48 KB needs cudaFuncSetAttribute
     if (g_error.empty())
@@ -966,7 +974,6 @@ int emu_d2h(void* dst, const void* src, size_t bytes) {
 void emu_reset(void) {
   g_error.clear();
   g_sticky = g_last = cudaSuccess;
-  g_smem_limit.clear();
   g_stats = Stats();
 }
 
@@ -977,13 +984,23 @@ void emu_expect_stream(cudaStream_t stream) {
   g_check_stream = true;
 }
 
-// sms, compute capability, per-block opt-in and per-SM shared memory (bytes)
-void emu_configure(int sms, int cc_major, int cc_minor, int smem_block_optin, int smem_sm) {
-  g_dev.sms = sms;
-  g_dev.cc_major = cc_major;
-  g_dev.cc_minor = cc_minor;
-  g_dev.smem_block_optin = smem_block_optin;
-  g_dev.smem_sm = smem_sm;
+// Device `device` gets these SMs, compute capability, per-block opt-in and per-SM shared memory
+// (bytes) and becomes the current device (cudaGetDevice). A real device never changes, and the
+// kernels' host code caches what it learns per device: reconfigure a device only before first use.
+void emu_configure(int device, int sms, int cc_major, int cc_minor, int smem_block_optin, int smem_sm) {
+  if (device < 0 || device >= kDevices) abort();
+  Device& d = g_devices[device];
+  d.sms = sms;
+  d.cc_major = cc_major;
+  d.cc_minor = cc_minor;
+  d.smem_block_optin = smem_block_optin;
+  d.smem_sm = smem_sm;
+  g_current = device;
+}
+
+void emu_set_device(int device) {
+  if (device < 0 || device >= kDevices) abort();
+  g_current = device;
 }
 
 long emu_stat(const char* name) {

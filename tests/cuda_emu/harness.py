@@ -30,7 +30,8 @@ class EmuDevice:
         lib.emu_h2d.argtypes = lib.emu_d2h.argtypes = [vp, vp, sz]
         lib.emu_error.restype = ctypes.c_char_p
         lib.emu_stat.restype, lib.emu_stat.argtypes = ctypes.c_long, [ctypes.c_char_p]
-        lib.emu_configure.argtypes = [i, i, i, i, i]
+        lib.emu_configure.argtypes = [i, i, i, i, i, i]
+        lib.emu_set_device.argtypes = [i]
         lib.emu_expect_stream.argtypes = [vp]
         if hasattr(lib, "unit_attn_fwd"):  # csrc/attention_cuda.h (not in selftest.cu's library)
             lib.unit_attn_fwd.restype = i
@@ -39,14 +40,22 @@ class EmuDevice:
             lib.unit_attn_bwd.argtypes = [i, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i, i, i, i, vp]
             lib.unit_attn_bwd_workspace_bytes.restype = sz
             lib.unit_attn_bwd_workspace_bytes.argtypes = [i, i, i, i, i]
+            lib.unit_attn_supported.restype = i
+            lib.unit_attn_supported.argtypes = [i, i, i, i, i, ctypes.POINTER(ctypes.c_char_p)]
         if stream_check:
             lib.emu_expect_stream(STREAM)
-        self.configure()
+        self.devices = {}
+        self.use_device()
         self._live = []
 
-    def configure(self, sms=132, cc=(9, 0), smem_block_optin=227 * 1024, smem_sm=228 * 1024):
-        """The emulated GPU (default: H100 SXM). sms and shared memory decide occupancy and splits."""
-        self.lib.emu_configure(sms, cc[0], cc[1], smem_block_optin, smem_sm)
+    def use_device(self, sms=132, cc=(9, 0), smem_block_optin=227 * 1024, smem_sm=228 * 1024):
+        """Make an emulated GPU with these properties current (default: an H100 SXM). Each distinct
+        set of properties is a device of its own, as the kernels cache what they learn per device."""
+        key = (sms, cc, smem_block_optin, smem_sm)
+        if key not in self.devices:
+            self.devices[key] = len(self.devices)
+            self.lib.emu_configure(self.devices[key], sms, cc[0], cc[1], smem_block_optin, smem_sm)
+        self.lib.emu_set_device(self.devices[key])
 
     def reset(self):
         self.lib.emu_reset()
@@ -91,6 +100,13 @@ class EmuDevice:
             raise EmuError(f"{what} returned CUDA error {rc}: {msg}")
 
     # -- the op ---------------------------------------------------------------------------
+    def supported(self, dtype, B, d, c, N):
+        """None if the kernels can run these sizes on the current device, else the reason."""
+        why = ctypes.c_char_p()
+        self.check(self.lib.unit_attn_supported(DTYPE_CODE[dtype], B, d, c, N, ctypes.byref(why)),
+                   "unit_attn_supported")
+        return why.value.decode() if why.value else None
+
     def fwd(self, q, k, v, offset=0):
         """o, lse = attention_fwd(q, k, v) on the emulated GPU; offset (bytes) misaligns q, k, v."""
         B, d, N = q.shape
