@@ -321,8 +321,8 @@ def train(cfg, data, ckpt=None):
     print(f"model: {n_params[0]:.2f}M generator-side params, {n_params[1]:.2f}M discriminator params; "
           f"{n_train} training slices, {steps_per_epoch} steps/epoch, {total} steps in total")
     if cfg["attn"] != "none":
-        from unit.attention import backend
-        print(f"self-attention ({cfg['attn']}): {backend()} op (UNIT_ATTN=torch|fused to choose)")
+        from unit.attention import describe
+        print(f"self-attention ({cfg['attn']}): {describe()}")
 
     stop = {"signal": None}
     def on_signal(signum, frame):

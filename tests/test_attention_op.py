@@ -21,7 +21,9 @@ from unit import ops  # the repository root is on sys.path (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-T = ops.CPU_TILE  # the CPU kernel's tile: N = T - 1 and T + 1 exercise the partial last tile
+# N around T = 64: partial row blocks of the CPU kernel (16-row granularity), SIMD remainders (8 or 16
+# lanes), and the CUDA kernels' 64-position tiles
+T = 64
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +269,7 @@ def test_build_failure_warns_once_and_reports(tmp_path):
         try:
             ops.fused_attention(torch.ones(1, 2, 3), torch.ones(1, 2, 3), torch.ones(1, 2, 3))
         except RuntimeError as e:
-            assert "could not be built" in str(e) and "UNIT_ATTN=torch" in str(e)
+            assert "could not be built" in str(e) and "UNIT_ATTN=sdpa" in str(e)
         else:
             raise AssertionError("fused_attention did not raise")
         print("OK")
@@ -334,10 +336,16 @@ def test_cuda_opcheck(cuda_op):
 
 @cuda
 def test_cuda_rejects_sizes_beyond_the_kernels(cuda_op):
-    for d, c in ((129, 8), (8, 1025)):
+    # the op raises with the reason; ops.cuda_unsupported gives the same reason, so that
+    # UNIT_ATTN=auto sends such shapes to SDPA instead
+    for d, c, says in ((129, 8, "d > 128"), (8, 1025, "c > 1024")):
         q, k, v, _ = make_inputs(1, d, c, 10, dtype=torch.float32, device="cuda")
-        with pytest.raises(RuntimeError, match="1 <= d <= 128"):
+        assert says in ops.cuda_unsupported(q, k, v)
+        with pytest.raises(RuntimeError, match=says):
             cuda_op.attention_fwd(q, k, v)
     q, k, v, _ = make_inputs(1, 8, 8, 10, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="float32, float16"):
+    assert "float32, float16 and bfloat16" in ops.cuda_unsupported(q, k, v)
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         cuda_op.attention_fwd(q, k, v)
+    q, k, v, _ = make_inputs(8, 64, 512, 4864, dtype=torch.bfloat16, device="cuda")
+    assert ops.cuda_unsupported(q, k, v) is None  # the encoder's shape runs on every sm_80+ GPU

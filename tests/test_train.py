@@ -26,7 +26,7 @@ def tiny_data(tmp_path_factory):
 def run(script, *args, env=None):
     """Run a top-level script as a user would; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "UNIT_ATTN": "torch", **(env or {})})
+                          text=True, timeout=600, env={**os.environ, "UNIT_ATTN": "naive", **(env or {})})
 
 
 def weights(path):
@@ -84,7 +84,7 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_data, "--out", str(out),
                           "--epochs", "1000", "--eval-every", "0", *TINY], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "UNIT_ATTN": "torch"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "UNIT_ATTN": "naive"})
     for line in p.stdout:                         # wait until training has started
         if line.startswith("model:"):
             break

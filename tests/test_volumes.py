@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("vol")
     src, data, run_dir = root / "HCP", root / "prepared", root / "run"
     brain = hcp_tree(src)
-    env = {**os.environ, "UNIT_ATTN": "torch"}
+    env = {**os.environ, "UNIT_ATTN": "naive"}
     r = subprocess.run([sys.executable, "data/prepare.py", "hcp", str(src), "--out", str(data), "--size", "64x64",
                         "--slices", "4", "--n-test", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -53,7 +53,7 @@ def test_volumes_written_on_the_source_grid(trained, tmp_path):
     out = tmp_path / "nii"
     r = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--volumes", str(src), "--layout", "hcp",
                         "--out", str(out), "--json", str(tmp_path / "v.json")], cwd=ROOT, capture_output=True,
-                       text=True, env={**os.environ, "UNIT_ATTN": "torch"})
+                       text=True, env={**os.environ, "UNIT_ATTN": "naive"})
     assert r.returncode == 0, r.stderr
     test_id = json.load(open(data / "meta.json"))["test_subjects"][0]
     assert sorted(os.listdir(out)) == [f"{test_id}_t1_to_t2.nii.gz", f"{test_id}_t2_to_t1.nii.gz"]

@@ -5,16 +5,21 @@ Builds and loads the fused attention op in csrc/ and registers its Python side.
 
 The op lives in csrc/attention.cpp (schema, CPU kernel, CUDA glue) and csrc/attention.cu (CUDA
 kernels). It is compiled with torch.utils.cpp_extension.load + ninja on first use, into
-<repo>/build/unit_attn_<cpu|cuda>_<machine>/, and reused from there afterwards (ninja only
+<repo>/build/unit_attn_<cpu|cuda_smXX>_<machine>/, and reused from there afterwards (ninja only
 recompiles what changed). On a machine where torch sees a GPU and CUDA_HOME is set, the CUDA
-variant (CPU + CUDA kernels) is built; if that fails the CPU-only variant is tried, so CPU tensors
-still get the fused op.
+variant (CPU + CUDA kernels) is built for that GPU's own architecture, unless cuda_build_problem()
+finds a reason not to (a GPU older than sm_80, a TORCH_CUDA_ARCH_LIST below 8.0 or without this
+GPU, an nvcc whose major version differs from torch's CUDA): then one warning names the versions
+and the fix. If the CUDA variant is not built or fails, the CPU-only variant is built, so CPU
+tensors still get the fused op (and CUDA tensors the fallback of unit/attention.py).
 
 Public API:
     load(verbose=True) -> bool   builds/loads once per process; True if the op is usable
     fused_attention(q, k, v)     o (B, c, N), differentiable; RuntimeError if the op is unavailable
     load_error() -> str | None   why the build/load failed, if it did
     supports(device) -> bool     whether the loaded op has kernels for that device type
+    cuda_unsupported(q, k, v) -> str | None   why the CUDA kernels cannot run this shape on q's GPU
+    cuda_build_problem(...)      the checks made before building for CUDA (a pure function)
 
 Registered on load: torch.ops.unit_attn.attention_fwd(q, k, v) -> (o, lse) and
 torch.ops.unit_attn.attention_bwd(grad_o, q, k, v, o, lse) -> (dq, dk, dv), their fake kernels
@@ -25,6 +30,8 @@ Which backend the model uses (fused or PyTorch) is decided in unit/attention.py,
 import hashlib
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 import warnings
@@ -34,7 +41,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_TILE = 64  # queries/keys per tile of the CPU kernel: kTile in csrc/attention.cpp (tests use it)
 
 _state = {"tried": False, "ok": False, "cuda": False, "error": None}
 
@@ -52,11 +58,77 @@ def _machine_tag():
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
-def _build(with_cuda, verbose):
+def _arch(text):
+    """'8.6', '8.6+PTX', '9.0a', 'sm_90', '90' -> (8, 6) / (9, 0); None if unreadable."""
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d)?[a-z]?(?:\+ptx)?", text.strip().lower())
+    if not m:
+        return None
+    if m.group(2) is None:  # "90" -> 9.0, "120" -> 12.0
+        return int(m.group(1)[:-1]), int(m.group(1)[-1])
+    return int(m.group(1)), int(m.group(2))
+
+
+def cuda_build_problem(gpu, cc, arch_list, nvcc_version, torch_cuda):
+    """Why the CUDA variant should not be built for this GPU, as one sentence, or None.
+
+    gpu: its name; cc: its compute capability (major, minor); arch_list: TORCH_CUDA_ARCH_LIST or
+    None; nvcc_version: 'X.Y' of CUDA_HOME's nvcc or None; torch_cuda: torch.version.cuda."""
+    if cc < (8, 0):
+        return (f"{gpu} has compute capability {cc[0]}.{cc[1]}; the fused CUDA kernels need 8.0 or newer "
+                f"(cp.async, bf16 mma.sync), so the fallback (SDPA) runs on it")
+    if arch_list:
+        entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+        archs = [_arch(e) for e in entries]
+        if None in archs:
+            bad = entries[archs.index(None)]
+            return f"TORCH_CUDA_ARCH_LIST={arch_list!r}: cannot read {bad!r}; use e.g. '{cc[0]}.{cc[1]}'"
+        old = [e for e, a in zip(entries, archs) if a < (8, 0)]
+        if old:
+            return (f"TORCH_CUDA_ARCH_LIST={arch_list!r} includes {', '.join(old)}, below the 8.0 that cp.async "
+                    f"and bf16 mma.sync need: set TORCH_CUDA_ARCH_LIST={cc[0]}.{cc[1]} (or unset it to build for "
+                    f"this GPU)")
+        # machine code runs on its own major version with a minor <= the GPU's; PTX is JIT-compiled
+        runs = [a for e, a in zip(entries, archs) if a == cc or (a[0] == cc[0] and a[1] <= cc[1])
+                or ("ptx" in e.lower() and a <= cc)]
+        if not runs:
+            return (f"TORCH_CUDA_ARCH_LIST={arch_list!r} has no code for {gpu} (sm_{cc[0]}{cc[1]}): add "
+                    f"{cc[0]}.{cc[1]} (or unset it to build for this GPU)")
+    if nvcc_version is None:
+        return "nvcc was not found under CUDA_HOME: install the CUDA toolkit or set CUDA_HOME"
+    if torch_cuda and nvcc_version.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"nvcc {nvcc_version} (CUDA_HOME) and torch's CUDA {torch_cuda} differ in major version, and "
+                f"an extension built with one does not load in the other: install CUDA toolkit "
+                f"{torch_cuda.split('.')[0]}.x and point CUDA_HOME at it")
+    return None
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _cuda_target():
+    """(arch list to build for, None) or (None, why not), for the current GPU."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    dev = torch.cuda.current_device()
+    gpu, cc = torch.cuda.get_device_name(dev), torch.cuda.get_device_capability(dev)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or None
+    why = cuda_build_problem(gpu, cc, arch_list, _nvcc_version(CUDA_HOME), torch.version.cuda)
+    return (None, why) if why else (arch_list or f"{cc[0]}.{cc[1]}", None)
+
+
+def _build(with_cuda, verbose, arch_list=None):
     from torch.utils.cpp_extension import load as cpp_load
 
     name = "unit_attn_cuda" if with_cuda else "unit_attn_cpu"
-    build_dir = ROOT / "build" / f"{name}_{_machine_tag()}"
+    tag = "sm" + "_".join(re.sub(r"[^0-9a-zA-Z]", "", a) for a in arch_list.split(";")) if with_cuda else ""
+    build_dir = ROOT / "build" / f"{name}{tag and '_' + tag}_{_machine_tag()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [CSRC / "attention.cpp"] + ([CSRC / "attention.cu"] if with_cuda else [])
     # -ffp-contract=fast: allow fused multiply-add (off by default under -std=c++17)
@@ -74,17 +146,26 @@ def _build(with_cuda, verbose):
     deps = sources + [CSRC / "attention_cuda.h"]
     if verbose and (not so.exists() or any(p.stat().st_mtime > so.stat().st_mtime for p in deps)):
         print("building the fused attention op (first use only, ~1 min)...", file=sys.stderr, flush=True)
-    cpp_load(
-        name=name,
-        sources=[str(p) for p in sources],
-        extra_cflags=cflags,
-        extra_cuda_cflags=["-O3"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(build_dir),
-        is_python_module=False,  # a TORCH_LIBRARY: loaded with torch.ops.load_library
-        verbose=False,
-    )
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda:  # cpp_extension reads the target architectures from here
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        cpp_load(
+            name=name,
+            sources=[str(p) for p in sources],
+            extra_cflags=cflags,
+            extra_cuda_cflags=["-O3"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build_dir),
+            is_python_module=False,  # a TORCH_LIBRARY: loaded with torch.ops.load_library
+            verbose=False,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
 def _register_python_side():
@@ -128,13 +209,20 @@ def load(verbose: bool = True) -> bool:
     _state["tried"] = True
     from torch.utils.cpp_extension import CUDA_HOME
 
-    variants = [False]
-    if torch.cuda.is_available() and torch.version.cuda and CUDA_HOME is not None:
-        variants = [True, False]  # CUDA + CPU kernels; CPU only if that fails
-    errors = []
+    variants, arch_list, errors = [False], None, []
+    if torch.cuda.is_available() and torch.version.cuda:
+        if CUDA_HOME is None:
+            why = "CUDA_HOME is not set and nvcc is not on PATH: install the CUDA toolkit to build the CUDA kernels"
+        else:
+            arch_list, why = _cuda_target()
+        if why is None:
+            variants = [True, False]  # CUDA + CPU kernels; CPU only if that fails
+        elif verbose:
+            warnings.warn(f"unit/ops.py: not building the fused CUDA attention kernels: {why}.", RuntimeWarning,
+                          stacklevel=2)
     for with_cuda in variants:
         try:
-            _build(with_cuda, verbose)  # compiles if needed and loads the library
+            _build(with_cuda, verbose, arch_list)  # compiles if needed and loads the library
         except Exception as e:  # compiler errors, missing ninja/compiler, load failures
             errors.append(f"[{'cuda' if with_cuda else 'cpu'} build] {type(e).__name__}: {e}")
             continue
@@ -169,14 +257,22 @@ def supports(device) -> bool:
     return load(verbose=False) and (kind == "cpu" or (kind == "cuda" and _state["cuda"]))
 
 
+def cuda_unsupported(q, k, v):
+    """None if the CUDA kernels can run this shape and dtype on q's GPU, else why not (one
+    sentence): the answer of csrc/attention.cu's unit_attn_supported (sizes, compute capability,
+    shared memory per block). Requires the CUDA variant (supports('cuda'))."""
+    why = torch.ops.unit_attn.cuda_supported(q.dtype, q.shape[0], q.shape[1], v.shape[1], q.shape[2], q.device)
+    return why or None
+
+
 def fused_attention(q, k, v):
     """o = v . softmax_keys(q^T k) with the fused op: q, k (B, d, N), v (B, c, N) -> o (B, c, N)."""
     if not load():
         raise RuntimeError("unit/ops.py: the fused attention op (csrc/attention.cpp) could not be "
                            "built or loaded; see unit.ops.load_error() for the compiler output, or "
-                           "use the PyTorch path (UNIT_ATTN=torch).")
+                           "use another backend (UNIT_ATTN=sdpa or naive).")
     if not supports(q.device):
         raise RuntimeError(f"unit/ops.py: the fused attention op was built without {q.device.type} "
-                           f"kernels; see unit.ops.load_error(), or use UNIT_ATTN=torch.")
+                           f"kernels; see unit.ops.load_error(), or use UNIT_ATTN=sdpa or naive.")
     o, _ = torch.ops.unit_attn.attention_fwd(q, k, v)
     return o
