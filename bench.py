@@ -1,16 +1,19 @@
 """
-Benchmarks, printed as markdown tables.
+Benchmarks and the first-GPU check, printed as markdown.
 
-    python bench.py attention                      # UNIT shapes at B=8, fp32 and bf16 (GPU)
-    python bench.py attention --batch 1 --dtypes bf16 --shapes encoder
-    python bench.py attention --shape 64,512,4096  # any (d, c, N), repeatable
-    python bench.py attention --device cpu         # reduced N, finishes in about a minute
+    python bench.py attention                      # GPU: both UNIT shapes at B=8, fp32 and bf16
+                                                   # CPU: the shapes listed in CPU_SHAPES, fp32 (~2 min)
+    python bench.py attention --shapes encoder --dtypes bf16 --batch 1
+    python bench.py attention --shape 64,512,4096  # any d,c,N[,B], repeatable
+    python bench.py train                          # one UNIT training iteration (D + G step)
+    python bench.py train --attn encoder --sn --size 304x256 --width 64 --batch 8
+    python bench.py gpu-check [--out report.md]    # build, tests, sanitizer, bench, training steps
 
 attention: o = v . softmax_keys(q^T k), no scale, q, k (B, d, N), v (B, c, N), timed as
   naive        torch.bmm + softmax + bmm (stores the B x N x N matrix)
   sdpa-*       F.scaled_dot_product_attention(scale=1.0) with one backend at a time; the
-               (B, d, N) -> (B, 1, N, d) transposes are inside the timed region, as they would be
-               in the model; a backend that does not accept the shape prints "refused"
+               (B, d, N) -> (B, 1, N, d) transposes are inside the timed region, as they are in
+               the model; a backend that does not accept the shape prints "refused"
   fused        unit.ops.fused_attention (csrc/attention.cu on GPU, csrc/attention.cpp on CPU)
 Times are medians (CUDA events on GPU, time.perf_counter on CPU) after warm-up; "MB" is the peak
 memory allocated during one call above what was allocated before it (outputs and gradients
@@ -18,49 +21,61 @@ included; GPU only). TFLOP/s counts the algorithm's FLOPs, the same for every me
   forward 2BN^2(d + c),  forward+backward 2BN^2(d + c) + 2BN^2(3d + 2c)
   (backward = recompute S, dV, dP, dQ, dK; naive does not recompute S but is credited the same).
 "err" is ||o - o_ref|| / ||o_ref|| of the forward output on the first image, o_ref in float64.
-
-    python bench.py train                          # one UNIT training iteration (D + G step)
-    python bench.py train --attn encoder --sn --size 304x256 --width 64 --batch 8
+After the table: per shape, the fused op's fwd+bwd speed-up over naive and over the fastest SDPA
+backend, and what UNIT_ATTN=auto picks there (unit/attention.py's rule, on this run's times).
 
 train: median seconds per train.py iteration (train_step: one D step and one G step) on random
-images, images/s (per domain), and peak memory on GPU; attention backend as train.py would pick.
+images, images/s (per domain), peak memory on GPU; the attention backend as UNIT_ATTN picks it.
+
+gpu-check: what the first GPU this project gets should run, in one command and under ~8 minutes
+on an H100; it prints one markdown report (README's Performance section takes it as it is):
+the CUDA build for this GPU, the fused op's self-check, the CUDA tests of
+tests/test_attention_op.py, compute-sanitizer memcheck, racecheck and synccheck on a small case,
+`attention` at both UNIT shapes (B = 8, fp32 and bf16), and 50 training steps of the poster's
+configuration (304x256, width 64, batch 8) with --attn encoder and --attn generator on each
+backend. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
+the CPU bench, a few CPU-preset steps) and lists what it could not run.
 """
 
 import argparse
 import datetime
 import gc
+import os
+import platform
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-UNIT_SHAPES = {"encoder": (64, 512, 4864), "generator": (32, 256, 19456)}  # (d, c, N) at 304x256
-CPU_N = {"encoder": 1024, "generator": 2048}  # --device cpu keeps d and c, shrinks N
+from unit.attention import CPU_MARGIN, attention_reference as naive_attention, attention_sdpa
+
+ROOT = Path(__file__).resolve().parent
+# name: (d, c, N, B); B None = the device's default (8 on GPU). GPU: 304x256 at width 64.
+GPU_SHAPES = {"encoder": (64, 512, 4864, None), "generator": (32, 256, 19456, None)}
+# CPU: issue 7's list, the UNIT shapes at the N the CPU bench always used, the encoder at its
+# real N (B = 1), and the CPU preset's own shapes (96x80, width 8, batch 4)
+CPU_SHAPES = {"encoder@1024": (64, 512, 1024, 1), "generator@2048": (32, 256, 2048, 1),
+              "encoder": (64, 512, 4864, 1), "preset-encoder": (8, 64, 480, 4),
+              "preset-generator": (4, 32, 1920, 4)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDPA_BACKENDS = ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION"]
 
-# -----------------------------------------------------------------------------
-# the methods: all take q, k (B, d, N), v (B, c, N) and return o (B, c, N)
-
-
-from unit.attention import attention_reference as naive_attention  # bmm + softmax + bmm, (B, N, N) in memory
-
 
 def make_sdpa(backend_name):
+    """unit.attention.attention_sdpa restricted to one SDPA backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
 
     def sdpa_attention(q, k, v):
-        # SDPA wants (B, heads, N, features) with the feature dim contiguous
-        qh = q.transpose(1, 2).contiguous().unsqueeze(1)
-        kh = k.transpose(1, 2).contiguous().unsqueeze(1)
-        vh = v.transpose(1, 2).contiguous().unsqueeze(1)
         with sdpa_kernel(backend):
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, 1, N, c)
-        return o.squeeze(1).transpose(1, 2)
+            return attention_sdpa(q, k, v)
 
     return sdpa_attention
 
@@ -69,6 +84,26 @@ def reference_o(q, k, v):
     """float64 naive attention of the first image (for the err column)."""
     q, k, v = (x[:1].double() for x in (q, k, v))
     return naive_attention(q, k, v)
+
+
+def machine(device):
+    """The device, named as a reader can look it up: GPU name, or CPU model and its vector units."""
+    if device == "cuda":
+        cc = torch.cuda.get_device_capability()
+        return f"{torch.cuda.get_device_name()} (sm_{cc[0]}{cc[1]}), CUDA {torch.version.cuda}"
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.*)$", info, re.M).group(1).strip()
+        have = set(re.search(r"^flags\s*:\s*(.*)$", info, re.M).group(1).split())
+        flags = "/".join(f for f in ("avx2", "fma", "avx512f") if f in have)
+    except (OSError, AttributeError):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {flags or 'no AVX2'}, {torch.get_num_threads()} threads"
+
+
+def stamp(device):
+    return f"{machine(device)}, torch {torch.__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
 
 
 # -----------------------------------------------------------------------------
@@ -84,20 +119,7 @@ def median_ms(fn, device, warmup, iters):
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(one_call_ms(fn, device) for _ in range(iters))
 
 
 def peak_extra_mb(fn, device):
@@ -145,105 +167,120 @@ def refusing(fn):
             raise Refused("; ".join(why[:2]))
 
 
-def run_case(method, q, k, v, grad_o, device, warmup, iters):
-    """-> dict(err, fwd_ms, fwd_mb, fb_ms, fb_mb); raises Refused if the forward is refused.
-    A refused backward leaves fb_ms = "refused" (and fb_refused = the reason)."""
-    def fwd():
-        with torch.no_grad():
-            return method(q, k, v)
+def one_call_ms(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
-    o = refusing(fwd)
-    ref = reference_o(q, k, v)
-    out = {"err": ((o[:1].double() - ref).norm() / ref.norm()).item()}
-    del o, ref
-    out["fwd_ms"] = median_ms(fwd, device, warmup, iters)
-    out["fwd_mb"] = peak_extra_mb(fwd, device)
 
-    qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+def run_methods(methods, q, k, v, grad_o, device, warmup, iters):
+    """-> {name: dict(err, fwd_ms, fwd_mb, fb_ms, fb_mb) or dict(fail=why)}. Each method is tried
+    once (SDPA may refuse a shape, naive may run out of memory), then the methods take turns in
+    every timed round, so a change in the machine's load hits all of them alike."""
+    res, calls = {}, {"fwd": {}, "fb": {}}
+    for name, method in methods.items():
+        def fwd(method=method):
+            with torch.no_grad():
+                return method(q, k, v)
 
-    def fwd_bwd():
-        qg.grad = kg.grad = vg.grad = None
-        method(qg, kg, vg).backward(grad_o)
+        qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
 
-    try:
-        refusing(fwd_bwd)
-    except Refused as e:
-        out["fb_ms"], out["fb_mb"], out["fb_refused"] = "refused", None, str(e)
-        return out
-    out["fb_ms"] = median_ms(fwd_bwd, device, warmup, iters)
-    qg.grad = kg.grad = vg.grad = None
-    out["fb_mb"] = peak_extra_mb(fwd_bwd, device)
-    return out
+        def fwd_bwd(method=method, qg=qg, kg=kg, vg=vg):
+            qg.grad = kg.grad = vg.grad = None
+            method(qg, kg, vg).backward(grad_o)
+
+        try:
+            o = refusing(fwd)
+            ref = reference_o(q, k, v)
+            res[name] = {"err": ((o[:1].double() - ref).norm() / ref.norm()).item()}
+            del o, ref
+            calls["fwd"][name] = fwd
+            refusing(fwd_bwd)
+            calls["fb"][name] = fwd_bwd
+        except Refused as e:
+            res.setdefault(name, {})["fail"] = f"refused: {str(e)[:160]}"
+        except torch.cuda.OutOfMemoryError:
+            res.setdefault(name, {})["fail"] = "OOM"
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            res.setdefault(name, {})["fail"] = "OOM"
+        gc.collect()
+    for phase, fns in calls.items():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync(device)
+        times = {name: [] for name in fns}
+        for _ in range(iters):
+            for name, fn in fns.items():
+                times[name].append(one_call_ms(fn, device))
+        for name, fn in fns.items():
+            res[name][f"{phase}_ms"] = statistics.median(times[name])
+            res[name][f"{phase}_mb"] = peak_extra_mb(fn, device)
+    return res
 
 
 # -----------------------------------------------------------------------------
 # python bench.py attention
 
 
-def cmd_attention(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device cuda was asked for but torch sees no GPU; use --device cpu.")
-    torch.manual_seed(0)
+def pick_shapes(device, names, extra, batch):
+    """-> {name: (d, c, N, B)} from --shapes names and --shape d,c,N[,B] strings."""
+    table = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    default_b = 8 if device == "cuda" else 1
     shapes = {}
-    for name in filter(None, args.shapes.split(",")):
-        if name not in UNIT_SHAPES:
-            raise SystemExit(f"bench.py: unknown shape {name!r} in --shapes; choose from {list(UNIT_SHAPES)}.")
-        d, c, N = UNIT_SHAPES[name]
-        shapes[name] = (d, c, CPU_N[name] if device == "cpu" and not args.full else N)
-    for s in args.shape or []:
+    for name in filter(None, (names or ",".join(table)).split(",")):
+        if name not in table:
+            raise SystemExit(f"bench.py: unknown shape {name!r} in --shapes; on {device} choose from {list(table)}.")
+        shapes[name] = table[name]
+    for s in extra or []:
         try:
-            d, c, N = (int(x) for x in s.split(","))
-        except ValueError:
-            raise SystemExit(f"bench.py: --shape wants d,c,N (three integers), got {s!r}.")
-        shapes[f"d{d}c{c}N{N}"] = (d, c, N)
-    B = args.batch if args.batch is not None else (8 if device == "cuda" else 1)
-    dtypes = (args.dtypes or ("fp32,bf16" if device == "cuda" else "fp32")).split(",")
-    for dt in dtypes:
-        if dt not in DTYPES:
-            raise SystemExit(f"bench.py: unknown dtype {dt!r} in --dtypes; choose from {list(DTYPES)}.")
-    warmup, iters = args.warmup, args.iters or (10 if device == "cuda" else 3)
+            vals = [int(x) for x in s.split(",")]
+            assert len(vals) in (3, 4)
+        except (ValueError, AssertionError):
+            raise SystemExit(f"bench.py: --shape wants d,c,N or d,c,N,B (integers), got {s!r}.")
+        shapes["d%dc%dN%d" % tuple(vals[:3])] = tuple(vals) + (None,) * (4 - len(vals))
+    return {n: (d, c, N, batch or B or default_b) for n, (d, c, N, B) in shapes.items()}
 
+
+def attention_table(device, shapes, dtypes, warmup, iters, log=print):
+    """Time every method at every (shape, dtype); prints (through log) the markdown table and the
+    ratio summary; -> the summary rows."""
     methods = {"naive": naive_attention}
-    backends = SDPA_BACKENDS if device == "cuda" else ["MATH"]
-    for b in backends:
+    for b in SDPA_BACKENDS if device == "cuda" else ["MATH"]:  # on the CPU only MATH takes d_v != d_qk
         methods["sdpa-" + b.lower().replace("_attention", "")] = make_sdpa(b)
     fused_note = None
-    try:
-        from unit.ops import fused_attention, load, load_error
-
-        if load(verbose=True):
-            methods["fused"] = fused_attention
-        else:
-            fused_note = "fused: unavailable (" + (load_error() or "").strip().splitlines()[0][:200] + ")"
-    except ImportError as e:
-        fused_note = f"fused: unavailable (cannot import unit.ops: {e})"
-
+    from unit import ops
+    if ops.load(verbose=True) and ops.supports(device):
+        methods["fused"] = ops.fused_attention
+    else:
+        fused_note = "fused: unavailable (" + ((ops.load_error() or "no kernels for this device").strip()
+                                               .splitlines()[0][:200]) + ")"
     if device == "cuda":
-        name = torch.cuda.get_device_name()
         ref_rate = matmul_tflops(device, torch.bfloat16, 8192, 3, 10)
         ref_line = f"bf16 matmul 8192^3: {ref_rate:.0f} TFLOP/s (40% of it: {0.4 * ref_rate:.0f})"
     else:
-        import platform
-
-        name = platform.processor() or platform.machine()
-        ref_rate = matmul_tflops(device, torch.float32, 1024, 1, 5)
-        ref_line = f"fp32 matmul 1024^3: {ref_rate * 1e3:.0f} GFLOP/s"
-
-    print(f"\n## attention  ({name}, torch {torch.__version__}, "
-          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})\n")
-    print(f"{ref_line}; B={B}; median of {iters} after {warmup} warm-up; "
-          "FLOPs: fwd 2BN^2(d+c), fwd+bwd 2BN^2(4d+3c)")
+        ref_line = f"fp32 matmul 1024^3: {matmul_tflops(device, torch.float32, 1024, 1, 5) * 1e3:.0f} GFLOP/s"
+    log(f"\n## attention  ({stamp(device)})\n")
+    log(f"{ref_line}; median of {iters} after {warmup} warm-up; FLOPs: fwd 2BN^2(d+c), fwd+bwd 2BN^2(4d+3c)")
     if fused_note:
-        print(fused_note)
-    print()
+        log(fused_note)
+    log("")
     unit, scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
-    print(f"| shape (d, c, N) | dtype | method | fwd ms | fwd {unit} | fwd MB | fwd+bwd ms | fwd+bwd {unit} "
-          "| fwd+bwd MB | err |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    notes = []
+    log(f"| shape (d, c, N) | B | dtype | method | fwd ms | fwd {unit} | fwd MB | fwd+bwd ms | fwd+bwd {unit} "
+        "| fwd+bwd MB | err |")
+    log("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    notes, summary = [], []
     mb = lambda x: "-" if x is None else f"{x:.0f}"
-    for sname, (d, c, N) in shapes.items():
+    for sname, (d, c, N, B) in shapes.items():
         flops_f, flops_fb = attention_flops(B, d, c, N)
         for dt in dtypes:
             dtype = DTYPES[dt]
@@ -252,35 +289,71 @@ def cmd_attention(args):
             k = (torch.randn(B, d, N, device=device) * d**-0.25).to(dtype)
             v = torch.randn(B, c, N, device=device).to(dtype)
             grad_o = torch.randn(B, c, N, device=device).to(dtype)
-            for mname, method in methods.items():
-                row = f"| {sname} ({d}, {c}, {N}) | {dt} | {mname} |"
-                try:
-                    r = run_case(method, q, k, v, grad_o, device, warmup, iters)
-                    tf = lambda fl, ms: fl / (ms * 1e-3) / scale
+            res = run_methods(methods, q, k, v, grad_o, device, warmup, iters)
+            fb = {m: r["fb_ms"] for m, r in res.items() if "fb_ms" in r}
+            tf = lambda fl, ms: fl / (ms * 1e-3) / scale
+            for mname, r in res.items():
+                row = f"| {sname} ({d}, {c}, {N}) | {B} | {dt} | {mname} |"
+                if "fwd_ms" in r:
                     row += f" {r['fwd_ms']:.2f} | {tf(flops_f, r['fwd_ms']):.1f} | {mb(r['fwd_mb'])} |"
-                    if r["fb_ms"] == "refused":
-                        row += " refused | | |"
-                        notes.append(f"{mname} {dt} {sname} backward: {r['fb_refused'][:160]}")
-                    else:
-                        row += f" {r['fb_ms']:.2f} | {tf(flops_fb, r['fb_ms']):.1f} | {mb(r['fb_mb'])} |"
+                    row += (f" {r['fb_ms']:.2f} | {tf(flops_fb, r['fb_ms']):.1f} | {mb(r['fb_mb'])} |" if "fb_ms" in r
+                            else f" {r['fail'].split(':')[0]} | | |")
                     row += f" {r['err']:.1e} |"
-                except Refused as e:
-                    row += " refused | | | | | | |"
-                    notes.append(f"{mname} {dt} {sname}: {str(e)[:160]}")
-                except torch.cuda.OutOfMemoryError:
-                    row += " OOM | | | | | | |"
-                except RuntimeError as e:
-                    if "out of memory" not in str(e).lower():
-                        raise
-                    row += " OOM | | | | | | |"
-                print(row, flush=True)
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                else:
+                    row += f" {r['fail'].split(':')[0]} | | | | | | |"
+                if "fail" in r and r["fail"] != "OOM":
+                    notes.append(f"{mname} {dt} {sname}{' backward' if 'fwd_ms' in r else ''}: {r['fail']}")
+                log(row)
+            summary.append((sname, (d, c, N), B, dt, fb, auto_pick(device, q, k, v, fb)))
+            del q, k, v, grad_o
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     if notes:
-        print("\nrefusals:")
+        log("\nnotes:")
         for n in notes:
-            print(" -", n)
+            log(f" - {n}")
+    log("\nfused fwd+bwd speed-up (time of the other / time of fused; > 1: fused is faster), and what "
+        "UNIT_ATTN=auto picks:\n")
+    log("| shape (d, c, N) | B | dtype | vs naive | vs fastest SDPA | auto picks |")
+    log("|---|---:|---|---:|---:|---|")
+    for sname, dcn, B, dt, fb, pick in summary:
+        sdpa = {m: t for m, t in fb.items() if m.startswith("sdpa")}
+        best = min(sdpa, key=sdpa.get) if sdpa else None
+        ratio = lambda t: f"{t / fb['fused']:.2f}x" if "fused" in fb and t else "-"
+        log(f"| {sname} {dcn} | {B} | {dt} | {ratio(fb.get('naive'))} | "
+            f"{ratio(sdpa.get(best)) + (f' ({best})' if best else '')} | {pick} |")
+    return summary
+
+
+def auto_pick(device, q, k, v, fb):
+    """What UNIT_ATTN=auto picks for this shape: unit/attention.py's rule applied to this run's
+    times (on the CPU its own measurement may differ), the self-check taken as passed."""
+    from unit import ops
+    if device == "cuda":
+        if not ops.supports("cuda"):
+            return "sdpa (no CUDA kernels built)"
+        why = ops.cuda_unsupported(q, k, v)
+        return f"sdpa ({why})" if why else "fused"
+    others = {"naive": fb.get("naive"), "sdpa": fb.get("sdpa-math")}
+    others = {n: t for n, t in others.items() if t is not None}
+    if "fused" not in fb or not others:
+        return "fused" if "fused" in fb else "naive"
+    best = min(others, key=others.get)
+    return best if others[best] < CPU_MARGIN * fb["fused"] else "fused"
+
+
+def cmd_attention(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device cuda was asked for but torch sees no GPU; use --device cpu.")
+    torch.manual_seed(0)
+    dtypes = (args.dtypes or ("fp32,bf16" if device == "cuda" else "fp32")).split(",")
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise SystemExit(f"bench.py: unknown dtype {dt!r} in --dtypes; choose from {list(DTYPES)}.")
+    shapes = pick_shapes(device, args.shapes, args.shape, args.batch)
+    attention_table(device, shapes, dtypes, args.warmup, args.iters or (10 if device == "cuda" else 3))
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +362,7 @@ def cmd_attention(args):
 
 def cmd_train(args):
     from train import Config, make_optimizers, train_step
-    from unit.attention import backend
+    from unit.attention import used
     from unit.model import UNIT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,19 +373,150 @@ def cmd_train(args):
     opt_g, opt_d = make_optimizers(model, cfg)
     x_a = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
     x_b = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
-    step = lambda: train_step(model, opt_g, opt_d, x_a, x_b, cfg)   # .item() inside syncs the GPU
+    losses = {}
+
+    def step():
+        losses.update(train_step(model, opt_g, opt_d, x_a, x_b, cfg))  # .item() inside syncs the GPU
+
     iters = args.iters or (20 if device == "cuda" else 5)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, device, args.warmup, iters)
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "-"
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n## train step  ({name}, torch {torch.__version__}, "
-          f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})\n")
-    print("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory |")
-    print("|---|---:|---:|---|---|---:|---:|---:|")
-    print(f"| {H}x{W} | {args.width} | {args.batch} | {args.attn} ({backend() if args.attn != 'none' else '-'}) "
-          f"| {args.sn} | {ms / 1e3:.3f} | {args.batch / (ms / 1e3):.1f} | {peak} |")
+    finite = all(v == v and abs(v) != float("inf") for v in losses.values())
+    print(f"\n## train step  ({stamp(device)})\n")
+    print("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory | losses finite |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---|")
+    print(f"| {H}x{W} | {args.width} | {args.batch} | {args.attn} ({'/'.join(used()) or '-'}) "
+          f"| {args.sn} | {ms / 1e3:.3f} | {args.batch / (ms / 1e3):.1f} | {peak} | {finite} |")
+
+
+# -----------------------------------------------------------------------------
+# python bench.py gpu-check
+
+
+def run(cmd, timeout, env=None):
+    """-> (returncode, seconds, output); a command that cannot start or times out returns 127/124."""
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        return p.returncode, time.time() - t0, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        return 124, time.time() - t0, f"timed out after {timeout} s\n{e.stdout or ''}"
+    except OSError as e:
+        return 127, time.time() - t0, str(e)
+
+
+def pytest_summary(out):
+    m = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error).*?)\s*=*$", out, re.M)
+    return m[-1] if m else out.strip().splitlines()[-1][:200] if out.strip() else "(no output)"
+
+
+SANITIZER_CASE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from unit import ops
+assert ops.load(verbose=False) and ops.supports("cuda"), ops.load_error()
+for dtype in (torch.float32, torch.bfloat16):
+    for B, d, c, N in ((1, 64, 130, 136), (2, 32, 40, 77)):  # cp.async and element paths, c-splits, key-splits
+        q, k = ((torch.randn(B, d, N, device="cuda") * 0.3).to(dtype).requires_grad_() for _ in range(2))
+        v = torch.randn(B, c, N, device="cuda").to(dtype).requires_grad_()
+        ops.fused_attention(q, k, v).float().sum().backward()
+torch.cuda.synchronize()
+print("sanitizer case done")
+"""
+
+
+def cmd_gpu_check(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_start = time.time()
+    lines, not_run = [], []
+    log = lambda s="": (print(s, flush=True), lines.append(s))
+    py = sys.executable
+    log(f"# gpu-check ({stamp(device)})")
+    log(f"\ncommand: `python bench.py gpu-check`; {'GPU present' if device == 'cuda' else 'no GPU: CPU stand-ins'}\n")
+
+    # 1. build
+    from unit import ops
+    from torch.utils.cpp_extension import CUDA_HOME
+    t0 = time.time()
+    ok = ops.load(verbose=True)
+    built = "cuda + cpu" if ops.supports("cuda") else "cpu only" if ok else "failed"
+    log(f"- build: {built} ({time.time() - t0:.0f} s); nvcc {ops._nvcc_version(CUDA_HOME) if CUDA_HOME else 'not found'}"
+        + (f"; {ops.load_error().strip().splitlines()[0][:200]}" if ops.load_error() else ""))
+    if device == "cpu":
+        not_run.append("the CUDA build (no GPU)")
+
+    # 2. self-check in a child process (what auto runs on first use)
+    import unit.attention as A
+    t0 = time.time()
+    verdict = A.run_selfcheck(device)
+    log(f"- self-check on {device} (child process): {'passed' if verdict['ok'] else 'FAILED'}: "
+        f"{verdict['detail']} ({time.time() - t0:.0f} s)")
+
+    # 3. tests
+    if device == "cuda":
+        rc, secs, out = run([py, "-m", "pytest", "-q", "-rs", "tests/test_attention_op.py", "-k", "cuda"], 600)
+        log(f"- CUDA tests (tests/test_attention_op.py -k cuda): {pytest_summary(out)} ({secs:.0f} s)")
+        if rc:
+            log("```\n" + "\n".join(l for l in out.splitlines() if l.startswith(("FAILED", "ERROR", "E ")))[:3000] + "\n```")
+    else:  # the stand-in: attention.cu run on the CPU (CI runs these too, so not on a GPU machine)
+        not_run.append("the CUDA tests of tests/test_attention_op.py (no GPU)")
+        rc, secs, out = run([py, "-m", "pytest", "-q", "-m", "cuda_emu", "tests/test_cuda_emu.py"], 900)
+        log(f"- emulated CUDA tests (tests/test_cuda_emu.py, attention.cu run on the CPU): {pytest_summary(out)} "
+            f"({secs:.0f} s)")
+
+    # 4. compute-sanitizer
+    sanitizer = shutil.which("compute-sanitizer") or (CUDA_HOME and shutil.which(
+        "compute-sanitizer", path=os.path.join(CUDA_HOME, "bin")))
+    if device == "cuda" and sanitizer and ops.supports("cuda"):
+        case = SANITIZER_CASE.format(root=str(ROOT))
+        # memcheck on everything; racecheck and synccheck (slow) on our kernels only (names attn_...)
+        for tool, only_ours in (("memcheck", False), ("racecheck", True), ("synccheck", True)):
+            flt = ["--kernel-name", "kns=attn_"] if only_ours else []
+            rc, secs, out = run([sanitizer, "--tool", tool, *flt, "--error-exitcode", "99", py, "-c", case], 600)
+            summary = next((l for l in out.splitlines() if "ERROR SUMMARY" in l or "RACECHECK SUMMARY" in l),
+                           out.strip().splitlines()[-1] if out.strip() else "")
+            log(f"- compute-sanitizer {tool}: {'clean' if rc == 0 else f'exit {rc}'}: {summary.strip()} ({secs:.0f} s)")
+    else:
+        not_run.append("compute-sanitizer memcheck, racecheck and synccheck (" + ("no GPU" if device == "cpu" else
+                       "no compute-sanitizer found" if not sanitizer else "no CUDA kernels built") + ")")
+
+    # 5. the attention bench
+    if device == "cuda":
+        shapes = pick_shapes("cuda", None, None, 8)
+        attention_table("cuda", shapes, ["fp32", "bf16"], 2, 10, log)
+    else:
+        not_run.append("`bench.py attention` at the UNIT shapes with B = 8 on a GPU (fp32, bf16)")
+        attention_table("cpu", pick_shapes("cpu", None, None, None), ["fp32"], 1, 3, log)
+
+    # 6. training steps, each backend, in its own process (an out-of-memory stays there)
+    cfgs = [("304x256", 64, 8, 50)] if device == "cuda" else [("96x80", 8, 4, 5)]
+    if device == "cpu":
+        not_run.append("50 training steps of the poster configuration (304x256, width 64, batch 8) on a GPU; "
+                       "ran 5 CPU-preset steps (96x80, width 8, batch 4) instead")
+    log("\n## training steps (`bench.py train`, each backend in its own process)\n")
+    log("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory | losses finite |")
+    log("|---|---:|---:|---|---|---:|---:|---:|---|")
+    for size, width, batch, iters in cfgs:
+        for attn in ("encoder", "generator"):
+            for backend in ("fused", "sdpa", "naive"):
+                cmd = [py, "bench.py", "train", "--device", device, "--size", size, "--width", str(width),
+                       "--batch", str(batch), "--attn", attn, "--sn", "--charbonnier", "--iters", str(iters)]
+                rc, secs, out = run(cmd, 900, env={"UNIT_ATTN": backend})
+                row = next((l for l in out.splitlines() if l.startswith(f"| {size} ")), None)
+                oom = "out of memory" in out.lower()
+                log(row if rc == 0 and row else f"| {size} | {width} | {batch} | {attn} ({backend}) | True | "
+                    f"{'OOM' if oom else f'failed (exit {rc})'} | | | |")
+
+    log("\n## not run here\n")
+    for n in not_run or ["(everything ran)"]:
+        log(f"- {n}")
+    log(f"\ngpu-check took {time.time() - t_start:.0f} s")
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print(f"\nreport written to {args.out}")
 
 
 # -----------------------------------------------------------------------------
@@ -323,10 +527,10 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("attention", help="naive vs SDPA backends vs the fused op, forward and backward")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
-    p.add_argument("--batch", type=int, default=None, help="B (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--shapes", default="encoder,generator", help="comma list of UNIT shapes: encoder, generator")
-    p.add_argument("--shape", action="append", help="extra shape d,c,N (repeatable)")
-    p.add_argument("--full", action="store_true", help="on CPU, keep the full UNIT N (slow)")
+    p.add_argument("--batch", type=int, default=None, help="B for every shape (default: 8 on GPU, the shape's on CPU)")
+    p.add_argument("--shapes", default=None, help="comma list of named shapes (default: all of the device's: "
+                   f"GPU {', '.join(GPU_SHAPES)}; CPU {', '.join(CPU_SHAPES)})")
+    p.add_argument("--shape", action="append", help="extra shape d,c,N or d,c,N,B (repeatable)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default fp32,bf16 on GPU, fp32 on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 10 on GPU, 3 on CPU)")
@@ -342,6 +546,10 @@ def main():
     t.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
     t.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 on GPU, 5 on CPU)")
     t.set_defaults(func=cmd_train)
+    g = sub.add_parser("gpu-check", help="the first-GPU validation: build, self-check, tests, sanitizer, bench, "
+                                         "training steps")
+    g.add_argument("--out", default=None, help="also write the markdown report to this file")
+    g.set_defaults(func=cmd_gpu_check)
     args = parser.parse_args()
     args.func(args)
 

@@ -1,10 +1,16 @@
 import os
 import sys
+import tempfile
 
 # Tests import the top-level scripts (train.py, evaluate.py) and unit/ from the repository root.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# UNIT_ATTN=auto keeps self-check verdicts and CPU timing choices in build/attention_cache.json:
+# tests (and the train.py / evaluate.py processes they start) use a cache of their own instead,
+# so they neither depend on nor change what a user's runs decided
+os.environ["UNIT_ATTN_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="unit-attn-test-"), "attention_cache.json")
 
 
 def pytest_configure(config):

@@ -141,40 +141,57 @@ def verified(fresh, monkeypatch):
     return fresh
 
 
+def fake_times(monkeypatch, ms, calls=None):
+    def time_cpu(fns, q, k, v, grad):
+        if calls is not None:
+            calls.append(sorted(fns))
+        return {name: ms[name] for name in fns}
+    monkeypatch.setattr(A, "time_cpu", time_cpu)
+
+
 def test_cpu_choice_is_measured_once_and_kept(verified, monkeypatch, capsys):
-    times = {"fused": 10.0, "naive": 5.0}
-    timed = []
-    monkeypatch.setattr(A, "_time_cpu", lambda fn, q, k, v, grad: timed.append(fn) or times[
-        "fused" if fn is A._fused else "naive"])
+    calls = []
+    fake_times(monkeypatch, {"fused": 10.0, "naive": 5.0, "sdpa": 7.0}, calls)
     q, k, v = qkv(dtype=torch.float32)
     torch.testing.assert_close(A.attention(q, k, v), A.attention_reference(q, k, v))
-    assert A.used() == ["naive"] and len(timed) == 2
-    assert "fused 10.00 ms, naive 5.00 ms -> naive" in capsys.readouterr().err
+    assert A.used() == ["naive"] and calls == [["fused", "naive", "sdpa"]]
+    assert "fused 10.00 ms, naive 5.00 ms, sdpa 7.00 ms -> naive" in capsys.readouterr().err
     A.attention(q, k, v)
     monkeypatch.setattr(A, "_choices", {})  # a later process reads the cached choice
     A.attention(q, k, v)
-    assert len(timed) == 2 and A.used() == ["naive"]
+    assert len(calls) == 1 and A.used() == ["naive"]
 
 
-def test_cpu_choice_prefers_fused_within_ten_percent(verified, monkeypatch):
-    monkeypatch.setattr(A, "_time_cpu", lambda fn, q, k, v, grad: 10.0 if fn is A._fused else 9.5)
+@pytest.mark.parametrize("ms, picks", [({"fused": 10.0, "naive": 9.5, "sdpa": 9.2}, "fused"),  # within 10%
+                                       ({"fused": 10.0, "naive": 9.5, "sdpa": 8.0}, "sdpa"),
+                                       ({"fused": 5.0, "naive": 9.5, "sdpa": 8.0}, "fused")])
+def test_cpu_choice_rule(verified, monkeypatch, ms, picks):
+    fake_times(monkeypatch, ms)
     q, k, v = qkv(dtype=torch.float32)
     A.attention(q, k, v)
-    assert A.used() == ["fused"]
+    assert A.used() == [picks]
 
 
 def test_cpu_never_times_naive_where_its_matrix_is_huge(verified, monkeypatch):
-    monkeypatch.setattr(A, "_time_cpu", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(A, "time_cpu", lambda *a: pytest.fail("timed"))
     q, k, v = (x[..., :1] for x in qkv(B=1, d=4, c=4, N=1, dtype=torch.float32))
     big = 16384  # 3 * 16384^2 * 4 bytes = 3 GiB of naive scores
     q, k, v = (x.expand(-1, -1, big) for x in (q, k, v))
     assert A._cpu_choice(q, k, v) == "fused"
 
 
-def test_cpu_timing_runs_both_paths():
+def test_cpu_timing_runs_every_path():
     q, k, v = qkv(B=1, d=4, c=6, N=40, dtype=torch.float32)
-    for fn in (A._fused, A.attention_reference):
-        assert A._time_cpu(fn, q, k, v, grad=True) > 0
+    ms = A.time_cpu(A._IMPLS, q, k, v, grad=True)
+    assert sorted(ms) == ["fused", "naive", "sdpa"] and all(t > 0 for t in ms.values())
+
+
+def test_a_forced_backend_is_used_as_it_is(fresh, monkeypatch):
+    monkeypatch.setenv("UNIT_ATTN", "sdpa")
+    monkeypatch.setattr(A, "_choose_auto", lambda *a, **k: pytest.fail("auto consulted"))
+    q, k, v = qkv()
+    torch.testing.assert_close(A.attention(q, k, v), A.attention_reference(q, k, v))
+    assert A.used() == ["sdpa"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Another kernel file:  UNIT_EMU_CU=path/to/attention.cu python -m pytest -m cuda_
 """
 import ctypes
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from build import build  # noqa: E402  (tests/cuda_emu/build.py)
 from harness import EmuDevice, EmuError  # noqa: E402
 from test_attention_op import make_inputs, reference, rel_err  # noqa: E402
 
-pytestmark = pytest.mark.cuda_emu
+pytestmark = [pytest.mark.cuda_emu,
+              pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                                 reason="the CUDA emulator's fiber switch is written for x86-64 only")]
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # as the real CUDA tests
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -250,6 +253,28 @@ def test_emulator_shared_memory_over_48k_needs_the_attribute(st):
 def test_emulator_detects_divergent_collectives(st):
     rc, _, msg = st.run("divergent", out_len=32)
     assert rc != 0 and ("__syncthreads while other lanes" in msg or "divergence" in msg)
+
+
+def test_emulated_conversions_round_as_the_hardware_does(st):
+    # __float2half_rn / __float2bfloat16_rn: round to nearest even, subnormals, overflow to inf,
+    # NaN stays NaN; bit for bit against torch's conversions (which round the same way)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-9, 6, (4000,), generator=g),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, -70000.0, 2.0 ** -24, 2.0 ** -25,
+                                 1.5 * 2.0 ** -25, 2.0 ** -26, 6.1e-5, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11,
+                                 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 3.4e38, float("inf"), float("-inf")])])
+    n = x.numel()
+    d = st.dev
+    pin, ph, pb, pback = st.upload(x), d.alloc(2 * n, "h"), d.alloc(2 * n, "b"), d.alloc(8 * n, "back")
+    assert d.lib.st_convert(pin, ctypes.c_void_p(ph), ctypes.c_void_p(pb), ctypes.c_void_p(pback), n) == 0, d.error()
+    h, b = d.download(ph, (n,), torch.float16), d.download(pb, (n,), torch.bfloat16)
+    back = d.download(pback, (2, n), torch.float32)
+    d.free_all()
+    assert torch.equal(h.view(torch.int16), x.half().view(torch.int16))
+    assert torch.equal(b.view(torch.int16), x.bfloat16().view(torch.int16))
+    assert torch.equal(back[0], x.half().float()) and torch.equal(back[1], x.bfloat16().float())
+    nan = torch.tensor([float("nan")])
+    assert torch.isnan(nan.half()).all() and torch.isnan(nan.bfloat16()).all()
 
 
 @pytest.mark.parametrize("trans", [0, 1], ids=["ldmatrix", "ldmatrix.trans"])

@@ -13,8 +13,9 @@ Backends, chosen with UNIT_ATTN=auto (default) | naive | sdpa | fused:
 auto:
   CUDA  fused if it built for this GPU, passed its self-check here, and the kernels can run the
         shape (unit.ops.cuda_unsupported: d <= 128, c <= 1024, shared memory...); else sdpa.
-  CPU   fused if it passed its self-check, unless naive is at least 10% faster for this shape
-        (timed once per shape and dtype; naive only where its B N^2 matrix is small).
+  CPU   fused if it passed its self-check, unless naive or sdpa (torch's math path on the CPU) is
+        at least 10% faster for this shape (timed once per shape and dtype, interleaved; those two
+        only where their B N^2 matrices are small).
 A named backend (UNIT_ATTN=fused, ...) is used as it is: no self-check, errors are raised.
 
 The self-check runs the first time the fused op would be used on a device type (a GPU model, a CPU
@@ -78,8 +79,8 @@ def describe():
     want = backend()
     if want != "auto":
         return f"UNIT_ATTN={want}"
-    return ("UNIT_ATTN=auto: the fused op where it is verified and supported, else SDPA on CUDA; "
-            "on the CPU the faster of fused and naive per shape")
+    return ("UNIT_ATTN=auto: on CUDA the fused op where it is verified and supported, else SDPA; "
+            "on the CPU the fastest of fused, naive and sdpa per shape")
 
 
 def attention(q, k, v):
@@ -99,17 +100,15 @@ _IMPLS = {"naive": attention_reference, "sdpa": attention_sdpa, "fused": _fused}
 # auto
 
 
-_choices = {}   # (device, dtype, shape, grad) -> backend name, for this process
+_choices = {}   # (UNIT_ATTN, device, dtype, shape, c, grad enabled) -> backend, for this process
 _verdicts = {}  # device ("cuda:0", "cpu") -> did the fused op pass its self-check there
 
 
 def _choose(q, k, v):
     want = backend()
-    if want != "auto":
-        return want
-    key = (str(q.device), q.dtype, tuple(q.shape), v.shape[1], torch.is_grad_enabled())
+    key = (want, str(q.device), q.dtype, tuple(q.shape), v.shape[1], torch.is_grad_enabled())
     if key not in _choices:
-        _choices[key] = _choose_auto(q, k, v)
+        _choices[key] = want if want != "auto" else _choose_auto(q, k, v)
     return _choices[key]
 
 
@@ -171,7 +170,7 @@ def _cache_put(section, key, value):
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
     except OSError as e:
-        _note(f"could not write {path} ({e}); the self-check will run again next time")
+        _note(f"could not write {path} ({e}); what it would have kept is measured again next time")
 
 
 def _device_key(device):
@@ -288,11 +287,11 @@ def _selfcheck_main(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: the faster of fused and naive for each shape
+# CPU: the fastest of fused, naive and sdpa for each shape
 
 
-NAIVE_MAX_BYTES = 2 ** 30  # naive is not tried where its (B, N, N) float32 matrices would pass 1 GiB
-CPU_NAIVE_MARGIN = 0.9     # naive is picked only if it takes less than 0.9x the fused op's time
+NAIVE_MAX_BYTES = 2 ** 30  # naive/sdpa are not tried where their (B, N, N) matrices would pass 1 GiB
+CPU_MARGIN = 0.9           # naive/sdpa are picked only if they take less than 0.9x the fused op's time
 
 
 def _cpu_choice(q, k, v):
@@ -301,35 +300,37 @@ def _cpu_choice(q, k, v):
     what = f"(B, d, c, N) = {(B, d, c, N)} {str(q.dtype).replace('torch.', '')} {'fwd+bwd' if grad else 'fwd'}"
     if 3 * B * N * N * 4 > NAIVE_MAX_BYTES:  # scores, probabilities and their gradient
         return "fused"
-    from unit import ops
     key = f"{_device_key(q.device)} | {torch.get_num_threads()} threads | {what}"
     hit = _cache_get("cpu", key)
     if hit is None:
-        ms = {name: _time_cpu(_IMPLS[name], q, k, v, grad) for name in ("fused", "naive")}
-        choice = "naive" if ms["naive"] < CPU_NAIVE_MARGIN * ms["fused"] else "fused"  # ties: fused, O(N) memory
+        ms = time_cpu({name: _IMPLS[name] for name in ("fused", "naive", "sdpa")}, q, k, v, grad)
+        other = min(("naive", "sdpa"), key=ms.get)
+        choice = other if ms[other] < CPU_MARGIN * ms["fused"] else "fused"  # near-ties: fused, O(N) memory
         hit = {"choice": choice, "ms": {n: round(t, 3) for n, t in ms.items()}}
         _cache_put("cpu", key, hit)
-        _note(f"on the CPU, {what}: fused {ms['fused']:.2f} ms, naive {ms['naive']:.2f} ms -> {choice} "
-              f"(measured once, kept in {cache_path()})")
+        _note(f"on the CPU, {what}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items())
+              + f" -> {choice} (measured once, kept in {cache_path()})")
     return hit["choice"]
 
 
-def _time_cpu(fn, q, k, v, grad, reps=3):
-    """Median ms of fn (forward, and backward if grad) on fresh inputs shaped like q, k, v."""
+def time_cpu(fns, q, k, v, grad, reps=3):
+    """{name: median ms} of each fn (forward, and backward if grad) on fresh inputs shaped like
+    q, k, v; the functions take turns, so that a change in the machine's load hits all of them."""
     g = torch.Generator().manual_seed(0)
     ins = [torch.randn(x.shape, generator=g).to(x.dtype) for x in (q, k, v)]
     go = torch.randn(v.shape, generator=g).to(v.dtype)
-    times = []
-    for r in range(reps + 1):  # the first run warms up
-        xs = [x.clone().requires_grad_(grad) for x in ins]
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(grad):
-            o = fn(*xs)
-            if grad:
-                o.backward(go)
-        if r:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for r in range(reps + 1):  # round 0 warms up
+        for name, fn in fns.items():
+            xs = [x.clone().requires_grad_(grad) for x in ins]
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(grad):
+                o = fn(*xs)
+                if grad:
+                    o.backward(go)
+            if r:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------

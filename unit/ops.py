@@ -127,11 +127,13 @@ def _build(with_cuda, verbose, arch_list=None):
     from torch.utils.cpp_extension import load as cpp_load
 
     name = "unit_attn_cuda" if with_cuda else "unit_attn_cpu"
-    tag = "sm" + "_".join(re.sub(r"[^0-9a-zA-Z]", "", a) for a in arch_list.split(";")) if with_cuda else ""
-    build_dir = ROOT / "build" / f"{name}{tag and '_' + tag}_{_machine_tag()}"
+    folder = name
+    if with_cuda:  # a folder per list of target architectures: unit_attn_cuda_sm90, ..._sm80_90
+        folder += "_sm" + "_".join(re.sub(r"[^0-9a-zA-Z]", "", a) for a in re.split(r"[;\s]+", arch_list.strip()))
+    build_dir = ROOT / "build" / f"{folder}_{_machine_tag()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [CSRC / "attention.cpp"] + ([CSRC / "attention.cu"] if with_cuda else [])
-    # -ffp-contract=fast: allow fused multiply-add (off by default under -std=c++17)
+    # -ffp-contract=fast: allow fused multiply-add (off by default in the ISO -std=c++ modes)
     cflags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
     if with_cuda:
         cflags.append("-DWITH_CUDA")

@@ -102,6 +102,18 @@ template <typename T> __global__ void mma_kernel(float* d, const T* a, const T* 
   }
 }
 
+// h[i], b[i] = in[i] rounded to fp16 / bf16; back[i], back[n + i] = h[i], b[i] as float (the
+// conversions of cuda_fp16.h and cuda_bf16.h as the emulator implements them)
+__global__ void convert_kernel(const float* in, __half* h, __nv_bfloat16* b, float* back, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    h[i] = __float2half_rn(in[i]);
+    b[i] = __float2bfloat16_rn(in[i]);
+    back[i] = __half2float(h[i]);
+    back[n + i] = __bfloat162float(b[i]);
+  }
+}
+
 int done() { return (int)cudaGetLastError(); }
 
 }  // namespace
@@ -141,6 +153,10 @@ int st_smem(float* out, int set_attribute) {
 }
 int st_divergent(float* out) {
   divergent_kernel<<<1, 32>>>(out);
+  return done();
+}
+int st_convert(const float* in, void* h, void* b, float* back, int n) {
+  convert_kernel<<<(n + 127) / 128, 128>>>(in, (__half*)h, (__nv_bfloat16*)b, back, n);
   return done();
 }
 int st_mma(float* d, const void* a, const void* b, int trans, int bf16) {
