@@ -791,9 +791,9 @@ cudaError_t current_device(DeviceInfo* out) {
 }
 
 // Once per kernel and device: raise the kernel's dynamic shared-memory limit to what it uses
-// (needed above 48 KB) and ask how many of its blocks fit on one SM.
+// (needed above 48 KB) and ask how many of its blocks fit on one SM (-> *blocks_per_sm, if given).
 template <auto Kernel>
-cudaError_t prepare_kernel(const DeviceInfo& dev, size_t smem, int* blocks_per_sm) {
+cudaError_t prepare_kernel(const DeviceInfo& dev, size_t smem, int* blocks_per_sm = nullptr) {
   static std::mutex mu;
   static int blocks[kMaxDevices];  // 0 until prepared on that device
   std::lock_guard<std::mutex> lock(mu);
@@ -804,7 +804,7 @@ cudaError_t prepare_kernel(const DeviceInfo& dev, size_t smem, int* blocks_per_s
     if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem)) != cudaSuccess) return err;
     blocks[dev.id] = n > 0 ? n : 1;
   }
-  *blocks_per_sm = blocks[dev.id];
+  if (blocks_per_sm) *blocks_per_sm = blocks[dev.id];
   return cudaSuccess;
 }
 
@@ -823,9 +823,8 @@ cudaError_t fwd_launch(const T* q, const T* k, const T* v, T* o, float* lse, int
   constexpr auto kernel = attn_fwd_kernel<T, DP>;
   const size_t smem = FwdSmem<T, DP>::bytes;
   DeviceInfo dev;
-  int per_sm = 0;
   cudaError_t err = current_device(&dev);
-  if (err != cudaSuccess || (err = prepare_kernel<kernel>(dev, smem, &per_sm)) != cudaSuccess) return err;
+  if (err != cudaSuccess || (err = prepare_kernel<kernel>(dev, smem)) != cudaSuccess) return err;
   const dim3 grid(ceil_div(N, kTile), ceil_div(c, kBC), B);
   kernel<<<grid, kThreads, smem, stream>>>(q, k, v, o, lse, d, c, N, vec_ok);
   return cudaGetLastError();
@@ -881,8 +880,7 @@ cudaError_t bwd_launch(const T* q, const T* k, const T* v, const T* o, const flo
   {
     constexpr auto kernel = attn_bwd_dv_kernel<T, DP>;
     const size_t smem = DvSmem<T, DP>::bytes;
-    int per_sm = 0;
-    if ((err = prepare_kernel<kernel>(dev, smem, &per_sm)) != cudaSuccess) return err;
+    if ((err = prepare_kernel<kernel>(dev, smem)) != cudaSuccess) return err;
     kernel<<<dim3(ceil_div(N, kTile), ceil_div(c, kBC), B), kThreads, smem, stream>>>(q, k, dout, lse, dv, d, c,
                                                                                        N, vec_ok);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
