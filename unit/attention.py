@@ -112,10 +112,15 @@ def _choose(q, k, v):
     return _choices[key]
 
 
+def _fallback(kind):
+    """The backend auto uses where the fused op is not: SDPA is O(N) on CUDA, only math on the CPU."""
+    return "sdpa" if kind == "cuda" else "naive"
+
+
 def _choose_auto(q, k, v, kind=None):
     from unit import ops
     kind = kind or q.device.type
-    fallback = "sdpa" if kind == "cuda" else "naive"
+    fallback = _fallback(kind)
     if kind not in ("cuda", "cpu"):
         return fallback
     if not ops.load(verbose=True):  # warned once already
@@ -202,16 +207,18 @@ def _verified(device):
             verdict["date"] = datetime.date.today().isoformat()
             _cache_put("selfcheck", key, verdict)
         if not verdict["ok"]:
-            fallback = "sdpa" if kind == "cuda" else "naive"
             warnings.warn(f"unit/attention.py: the fused attention op failed its self-check on {key}: "
-                          f"{verdict['detail']} -- using {fallback}. Please report this message (and your GPU/CPU, "
+                          f"{verdict['detail']} -- using {_fallback(kind)}. Please report this message (and your GPU/CPU, "
                           f"torch and CUDA versions) as an issue; delete {cache_path()} to check again.",
                           RuntimeWarning, stacklevel=3)
         _verdicts[str(device)] = verdict["ok"]
     return _verdicts[str(device)]
 
 
-def run_selfcheck(device, op="unit.ops:fused_attention", timeout=600):
+FUSED_OP = "unit.ops:fused_attention"  # module:function the self-check examines by default
+
+
+def run_selfcheck(device, op=FUSED_OP, timeout=600):
     """Run selfcheck() in a child process -> {"ok": bool, "detail": str}. A crash, a hang or a
     garbled answer of the child is a failed verdict with what it printed last."""
     cmd = [sys.executable, "-m", "unit.attention", "--selfcheck", device, "--op", op]
@@ -275,7 +282,7 @@ def _selfcheck_main(argv):
     ap = argparse.ArgumentParser(description="Self-check of the fused attention op (run by unit/attention.py "
                                              "in a child process); prints one JSON verdict line.")
     ap.add_argument("--selfcheck", required=True, metavar="DEVICE")
-    ap.add_argument("--op", default="unit.ops:fused_attention", help="module:function to check")
+    ap.add_argument("--op", default=FUSED_OP, help="module:function to check")
     args = ap.parse_args(argv)
     module, name = args.op.split(":")
     fused = getattr(importlib.import_module(module), name)
