@@ -21,84 +21,11 @@ import sys
 import numpy as np
 import torch
 
-from unit.data import DataError, load_prepared
-from unit.metrics import mae, psnr, ssim, ssim_volume
-from unit.model import UNIT
-
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one sentence and exits with status 2."""
-
-
-CKPT_FORMAT = "unit-mri-checkpoint"
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load one of this project's checkpoints (weights_only) or raise UserError saying why not."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle of something else, not a torch file at all
-        raise UserError(f"{path} is not a readable checkpoint of this project "
-                        f"({type(e).__name__}); pass the ckpt.pt written by train.py") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} is a torch file but not a checkpoint written by this project's "
-                        f"train.py (no '{CKPT_FORMAT}' marker)")
-    return ckpt
-
-
-def build_model(cfg):
-    """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
-    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"])
-
-
-def to_model(x01, channels, device):
-    """float16/32 array (B, H, W) in [0, 1] -> model input (B, channels, H, W) in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(x01, dtype=np.float32), device=device)
-    return (x * 2 - 1).unsqueeze(1).expand(-1, channels, -1, -1)
-
-
-def from_model(y):
-    """model output (B, channels, H, W) in [-1, 1] -> (B, H, W) in [0, 1] (channel mean for RGB)."""
-    return ((y.float().mean(dim=1) + 1) / 2).clamp(0, 1)
-
-
-@torch.no_grad()
-def translate(model, images, src, device, channels, batch_size=16):
-    """Translate a stack (N, H, W) in [0, 1] from domain src ('a' = T1w, 'b' = T2w); (N, H, W) on CPU."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(from_model(model.translate(to_model(images[i:i + batch_size], channels, device), src)).cpu())
-    return torch.cat(out)
-
-
-def scores(pred, real, mask):
-    """Mean SSIM / PSNR / MAE over a stack, whole slice and inside the mask (if any)."""
-    r = {"ssim": ssim(pred, real).mean().item(), "psnr": psnr(pred, real).mean().item(),
-         "mae": mae(pred, real).mean().item()}
-    if mask is not None:
-        r.update(ssim_mask=ssim(pred, real, mask).nanmean().item(),
-                 psnr_mask=psnr(pred, real, mask).nanmean().item(),
-                 mae_mask=mae(pred, real, mask).nanmean().item())
-    return r
-
-
-def evaluate(model, data, device, channels, batch_size=16, limit=None):
-    """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline.
-    Returns (results dict, stacks): stacks holds t1, t2 (real) and fake_t1, fake_t2, (n, H, W) on CPU."""
-    n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
-    t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
-    t2 = torch.from_numpy(np.asarray(data.test_t2[:n], dtype=np.float32))
-    mask = None if data.test_mask is None else torch.from_numpy(np.asarray(data.test_mask[:n]) > 0)
-    was_training = model.training
-    model.eval()
-    fake_t2 = translate(model, t1, "a", device, channels, batch_size)
-    fake_t1 = translate(model, t2, "b", device, channels, batch_size)
-    model.train(was_training)
-    res = {"n": n, "T1": scores(fake_t1, t1, mask), "T2": scores(fake_t2, t2, mask),
-           "identity": scores(t2, t1, mask)}  # symmetric metrics: one row serves both columns
-    return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2}
+from unit import UserError
+from unit.checkpoint import load_model
+from unit.data import load_prepared
+from unit.evaluation import evaluate, translate
+from unit.metrics import mae, psnr, ssim_volume
 
 
 def table(res):
@@ -126,7 +53,7 @@ def evaluate_volumes(model, cfg, data, args):
     """Translate whole test volumes of a NIfTI tree; write NIfTIs; 3-D scores per subject."""
     import nibabel as nib
 
-    from unit.data import LAYOUT_MASK_RULE, find_subjects, prepare_subject, slices_to_nifti
+    from unit.data import LAYOUT_MASK_RULE, DataError, find_subjects, prepare_subject, slices_to_nifti
     if not args.layout or not args.out:
         raise UserError("--volumes needs --layout (hcp, brats, ixi, folders) and --out DIR for the NIfTI files")
     if args.layout not in LAYOUT_MASK_RULE:
@@ -200,13 +127,10 @@ def main(argv=None):
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
     args = p.parse_args(argv)
 
-    ckpt = load_checkpoint(args.ckpt)
+    model, ckpt = load_model(args.ckpt, args.device)
     cfg = ckpt["config"]
     data_path = args.data or cfg["data"]
     data = load_prepared(data_path)
-    model = build_model(cfg).to(args.device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     if args.volumes:
         res = evaluate_volumes(model, cfg, data, args)
         if args.json:
@@ -239,6 +163,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, DataError) as e:
+    except UserError as e:  # unit.data.DataError is one too
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,10 +5,16 @@
     python train.py --attn encoder --sn --charbonnier # the poster's best model
     python train.py --full                            # poster settings even on a CPU (slow)
     python train.py --resume runs/NAME/ckpt.pt        # continue exactly where it stopped
+    python train.py --amp bf16                        # forward passes in bfloat16 (autocast)
+    torchrun --nproc_per_node=4 train.py --attn encoder --sn --charbonnier   # 4 GPUs, DDP
 
 Defaults are the poster's (UNIT's) settings and live in one place, the Config dataclass below.
 Every checkpoint is one file holding all nets, both optimizers, the resolved config, the step
-and the RNG states; evaluate.py needs nothing else.
+and the RNG states (unit/checkpoint.py); evaluate.py needs nothing else.
+
+Under torchrun each process trains on its own GPU (NCCL; gloo on the CPU) with its own
+--batch-size images per domain, a share of the same (seed, epoch) batch order: the global batch
+is nproc x --batch-size. Only rank 0 logs, evaluates, writes sample grids and checkpoints.
 """
 import argparse
 import dataclasses
@@ -23,11 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evaluate import CKPT_FORMAT, UserError, build_model, evaluate, from_model, load_checkpoint, to_model
-from unit.data import DataError, load_prepared, prepare_phantom
+from unit import UserError, checkpoint
+from unit.checkpoint import build_model
+from unit.data import load_prepared, prepare_phantom
+from unit.evaluation import evaluate, from_model, to_model
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES
+from unit.progress import Progress
 
 
 def opt(default, help, **kw):
@@ -62,12 +73,15 @@ class Config:
     epochs: int = opt(100, "passes over the training slices")
     max_steps: int = opt(0, "stop (and save) after this many steps in total; 0 = no limit")
     seed: int = opt(0, "seed of weights, data order and latent noise")
+    amp: str = opt("fp32", "bf16: the G and D forward passes under torch.autocast in bfloat16 (losses, softmax "
+                           "statistics, spectral norm and evaluation stay fp32)", choices=("fp32", "bf16"))
     # bookkeeping
     save_epochs: str = opt("1,25,50,75,100", "epochs after which to keep a checkpoint ckpt_eNNN.pt "
                                              "(ckpt.pt, the latest, is rewritten at every save)")
     eval_every: int = opt(1, "epochs between SSIM evaluations on the test split (0 = never)")
     eval_limit: int = opt(0, "evaluate on the first N test slices only during training (0 = all)")
-    log_every: int = opt(50, "steps between loss lines in metrics.jsonl")
+    log_every: int = opt(50, "steps between loss lines in metrics.jsonl (the losses are read from the device "
+                             "only then)")
     device: str = opt("", "cuda or cpu (default: cuda when available)")
 
 
@@ -77,7 +91,7 @@ class Config:
 # off. On a 2-core machine it runs ~2.7 it/s: 6 epochs of 225 iterations in about 9 minutes (README).
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
 
-RESUMABLE = {"epochs", "max_steps", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out"}
+RESUMABLE = {"epochs", "max_steps", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
 
 
 def parse_args(argv=None):
@@ -99,18 +113,25 @@ def parse_args(argv=None):
     return args, full, resume
 
 
-def resolve_config(given, full, resume):
-    """Turn the given flags into the full Config (plain dict), plus a note on where it came from."""
+def resolve_config(given, full, resume, world=1):
+    """Turn the given flags into the full Config (plain dict), plus a note on where it came from.
+    world: the number of processes (torchrun); it is part of the config, as the global batch is."""
     if resume:
-        ckpt = load_checkpoint(resume)
-        cfg = dict(ckpt["config"])
+        ckpt = checkpoint.load(resume)
+        # settings added to Config after the checkpoint was written take their defaults
+        cfg = {**dataclasses.asdict(Config()), "world_size": 1, **ckpt["config"]}
         for k, v in given.items():
             if k not in RESUMABLE and v != cfg.get(k):
                 raise UserError(f"--{k.replace('_', '-')} {v} contradicts the checkpoint {resume}, which was "
                                 f"trained with {cfg.get(k)!r}; drop the flag or start a new run")
+        if world != cfg["world_size"]:
+            raise UserError(f"{resume} was trained by {cfg['world_size']} process(es) and this run has {world}: the "
+                            f"global batch and the batch order would change; resume with torchrun "
+                            f"--nproc_per_node={cfg['world_size']} (or python train.py for 1)")
         cfg.update(given)
         return cfg, ckpt, f"resumed from {resume}"
     cfg = dataclasses.asdict(Config())
+    cfg["world_size"] = world
     device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     note = "poster settings"
     if device == "cpu" and not full:
@@ -147,6 +168,9 @@ def check_config(cfg, given):
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg['device']} was given but torch sees no CUDA device; drop the flag to "
                         f"use the CPU")
+    if cfg["world_size"] > 1 and cfg["device"].startswith("cuda:"):
+        raise UserError(f"--device {cfg['device']}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                        f"pass --device cuda (or nothing), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if not cfg["out"]:
         cfg["out"] = "runs/" + "-".join([cfg["attn"]] + ["sn"] * cfg["sn"] + ["cl"] * cfg["charbonnier"] +
                                         ["rgb"] * (cfg["channels"] == 3))
@@ -191,16 +215,17 @@ def batch_indices(n, steps, batch_size, seed, epoch, domain):
     return perm.view(steps, batch_size).sort(dim=1).values.numpy()  # sorted rows: kinder to the memmap
 
 
-def save_checkpoint(path, model, opt_g, opt_d, cfg, epoch, step, metrics):
-    """Write atomically: a temp file next to the target, then rename."""
-    ckpt = {"format": CKPT_FORMAT, "version": 1, "config": cfg, "epoch": epoch, "step": step,
-            "model": model.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "metrics": metrics}
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def latent_noise(gen, seed, step, draw, shape, rank):
+    """N(0, I) noise shaped like this rank's latent codes `shape` = (B, C, h, w), for draw `draw` of
+    step `step`. Sample j of the global batch has a stream of its own, seeded by (seed, step, draw,
+    j): one process with batch 2b and two with batch b draw the same numbers, and a resumed run
+    draws what it would have drawn. gen: a torch.Generator on the device (no host sync)."""
+    B = shape[0]
+    z = []
+    for j in range(rank * B, (rank + 1) * B):
+        gen.manual_seed((((seed * 1_000_003 + step) * 8 + draw) * 1_000_003 + j) % 2 ** 63)
+        z.append(torch.randn(shape[1:], generator=gen, device=gen.device))
+    return torch.stack(z)
 
 
 def sample_grid(model, data, cfg, path, n=4):
@@ -209,7 +234,7 @@ def sample_grid(model, data, cfg, path, n=4):
     was = model.training
     model.eval()
     with torch.no_grad():
-        dev, ch = cfg["device"], cfg["channels"]
+        dev, ch = next(model.parameters()).device, cfg["channels"]
         x_a, x_b = to_model(data.test_t1[:n], ch, dev), to_model(data.test_t2[:n], ch, dev)
         x_ab, x_ba = model.translate(x_a, "a"), model.translate(x_b, "b")
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
@@ -218,72 +243,57 @@ def sample_grid(model, data, cfg, path, n=4):
     Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
 
 
-class Progress:
-    """One status line on stderr: epoch, step, losses, it/s, ETA (a line every 30 s when not a tty)."""
-
-    def __init__(self, total, start):
-        self.total, self.start_step, self.t0, self.last = total, start, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step, epoch, epochs, losses):
-        now = time.time()
-        if now - self.last < (0.5 if self.tty else 30) and step < self.total:
-            return
-        self.last = now
-        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        msg = (f"epoch {epoch + 1}/{epochs} step {step}/{self.total} " +
-               " ".join(f"{k} {v:.3f}" for k, v in losses.items()) + f" | {rate:.2f} it/s ETA {eta_s}")
-        print(("\r" + msg + "\033[K") if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def done(self):
-        if self.tty:
-            print(file=sys.stderr)
-
-
 def set_requires_grad(params, flag):
     for p in params:
         p.requires_grad_(flag)
 
 
-def train_step(model, opt_g, opt_d, x_a, x_b, cfg):
-    """One UNIT iteration: a discriminator step, then a generator step (encoders + generators).
-    x_a: T1w batch, x_b: T2w batch, (B, ch, H, W) in [-1, 1], not paired. Returns the losses."""
-    rec = (lambda x, y: charbonnier_loss(x, y, cfg["charbonnier_eps"])) if cfg["charbonnier"] else l1_loss
-    d_params = model.discriminator_params()
+LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl")
 
-    # D step: real vs translated, both domains.
-    with torch.no_grad():
-        x_ab = model.decode(model.sample_z(model.encode(x_a, "a")), "b")
-        x_ba = model.decode(model.sample_z(model.encode(x_b, "b")), "a")
-    loss_d = (gan_loss(model.dis_a(x_a), True) + gan_loss(model.dis_a(x_ba), False) +
-              gan_loss(model.dis_b(x_b), True) + gan_loss(model.dis_b(x_ab), False))
+
+def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
+    """One UNIT iteration: a discriminator step, then a generator step (encoders + generators).
+    x_a: T1w batch, x_b: T2w batch, (B, ch, H, W) in [-1, 1], not paired. noise(k): the k-th
+    latent draw of this step, shaped like the codes. model: the UNIT; g_side, d_side: its
+    generator side and its discriminators (model.generator_side(), .discriminator_side()), each
+    wrapped in DistributedDataParallel under torchrun. With --amp bf16 the forward passes run under
+    autocast and the losses in fp32. Returns the losses (LOSS_NAMES) as one detached tensor on the
+    device: nothing here waits for the GPU."""
+    rec = (lambda x, y: charbonnier_loss(x, y, cfg["charbonnier_eps"])) if cfg["charbonnier"] else l1_loss
+    amp = lambda: torch.autocast(x_a.device.type, torch.bfloat16, enabled=cfg["amp"] == "bf16")
+    B = x_a.shape[0]
+
+    # D step: real vs translated, both domains. Each D sees real and fake in ONE forward (concatenated),
+    # as DDP expects one forward per backward; D has only per-sample layers, so this changes nothing.
+    with torch.no_grad(), amp():
+        x_ab = model.decode(model.sample_z(model.encode(x_a, "a"), noise(0)), "b")
+        x_ba = model.decode(model.sample_z(model.encode(x_b, "b"), noise(1)), "a")
+    with amp():
+        d_a, d_b = d_side(torch.cat([x_a, x_ba]), torch.cat([x_b, x_ab]))     # (2B, 1, h, w) each
+    loss_d = (gan_loss(d_a[:B], True) + gan_loss(d_a[B:], False) +
+              gan_loss(d_b[:B], True) + gan_loss(d_b[B:], False))
     opt_d.zero_grad(set_to_none=True)
     (cfg["w_gan"] * loss_d).backward()
     opt_d.step()
 
-    # G step: VAE (reconstruction + KL), GAN (fool D), cycle (reconstruction + KL).
-    set_requires_grad(d_params, False)
-    mu_a, mu_b = model.encode(x_a, "a"), model.encode(x_b, "b")                # (B, 8w, H/4, W/4)
-    z_a, z_b = model.sample_z(mu_a), model.sample_z(mu_b)
-    x_aa, x_ba = model.decode(z_a, "a"), model.decode(z_b, "a")
-    x_bb, x_ab = model.decode(z_b, "b"), model.decode(z_a, "b")
-    mu_ab, mu_ba = model.encode(x_ab, "b"), model.encode(x_ba, "a")
-    x_aba, x_bab = model.decode(model.sample_z(mu_ab), "a"), model.decode(model.sample_z(mu_ba), "b")
-    loss_gan = gan_loss(model.dis_a(x_ba), True) + gan_loss(model.dis_b(x_ab), True)
-    loss_kl = kl_loss(mu_a) + kl_loss(mu_b)
-    loss_rec = rec(x_aa, x_a) + rec(x_bb, x_b)
-    loss_kl_cyc = kl_loss(mu_ab) + kl_loss(mu_ba)
-    loss_cyc = rec(x_aba, x_a) + rec(x_bab, x_b)
+    # G step: VAE (reconstruction + KL), GAN (fool D), cycle (reconstruction + KL). D is frozen and
+    # called as the plain module: its gradients are not wanted, so its DDP wrapper stays out of it.
+    set_requires_grad(model.discriminator_params(), False)
+    with amp():
+        o = g_side(x_a, x_b, [noise(k) for k in (2, 3, 4, 5)])                # model.cycle()
+        d_ba, d_ab = model.discriminate(o["x_ba"], o["x_ab"])
+    loss_gan = gan_loss(d_ba, True) + gan_loss(d_ab, True)
+    loss_kl = kl_loss(o["mu_a"]) + kl_loss(o["mu_b"])
+    loss_rec = rec(o["x_aa"], x_a) + rec(o["x_bb"], x_b)
+    loss_kl_cyc = kl_loss(o["mu_ab"]) + kl_loss(o["mu_ba"])
+    loss_cyc = rec(o["x_aba"], x_a) + rec(o["x_bab"], x_b)
     loss_g = (cfg["w_gan"] * loss_gan + cfg["w_kl"] * loss_kl + cfg["w_rec"] * loss_rec +
               cfg["w_kl_cyc"] * loss_kl_cyc + cfg["w_cyc"] * loss_cyc)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
-    set_requires_grad(d_params, True)
-    return {"D": loss_d.item(), "G": loss_g.item(), "gan": loss_gan.item(), "rec": loss_rec.item(),
-            "cyc": loss_cyc.item(), "kl": loss_kl.item()}
+    set_requires_grad(model.discriminator_params(), True)
+    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl]).detach()
 
 
 def make_optimizers(model, cfg):
@@ -292,8 +302,11 @@ def make_optimizers(model, cfg):
             torch.optim.Adam(model.discriminator_params(), lr=cfg["lr"], betas=betas))
 
 
-def train(cfg, data, ckpt=None):
-    dev = cfg["device"]
+def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
+    """Train (or continue) a run; returns (model, exit status). device: this process's device
+    (cfg["device"], or cuda:LOCAL_RANK under torchrun); rank, world: torchrun's RANK, WORLD_SIZE."""
+    dev = device or cfg["device"]
+    lead = rank == 0                                     # the one process that writes
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg).to(dev)
     opt_g, opt_d = make_optimizers(model, cfg)
@@ -306,55 +319,101 @@ def train(cfg, data, ckpt=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if dev.startswith("cuda") and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    g_side, d_side = model.generator_side(), model.discriminator_side()
+    if world > 1:
+        # broadcast_buffers (default): each DDP forward sends rank 0's buffers, spectral norm's u and v,
+        # to all ranks; they are equal anyway (the power iteration sees only weights, which DDP keeps
+        # equal), so this only guards against drift. One forward per backward for each wrapper.
+        ids = [torch.device(dev)] if dev.startswith("cuda") else None
+        g_side, d_side = DDP(g_side, device_ids=ids), DDP(d_side, device_ids=ids)
 
     out, ch, bs = cfg["out"], cfg["channels"], cfg["batch_size"]
+    gbs = bs * world                                      # the global batch
     n_a, n_b = len(data.train_t1), len(data.train_t2)   # differ only in unpaired PNG datasets
     n_train = min(n_a, n_b)
-    if n_train < bs:
-        raise UserError(f"{cfg['data']} has {n_train} training slices, fewer than --batch-size {bs}")
-    steps_per_epoch = n_train // bs
+    if n_train < gbs:
+        raise UserError(f"{cfg['data']} has {n_train} training slices, fewer than the global batch {gbs} "
+                        f"(--batch-size {bs} x {world} processes)")
+    steps_per_epoch = n_train // gbs
     total = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total = min(total, cfg["max_steps"])
     save_epochs = {int(e) for e in str(cfg["save_epochs"]).split(",") if e.strip()}
+    say = print if lead else (lambda *a, **k: None)
     n_params = [sum(p.numel() for p in ps) / 1e6 for ps in (model.generator_params(), model.discriminator_params())]
-    print(f"model: {n_params[0]:.2f}M generator-side params, {n_params[1]:.2f}M discriminator params; "
-          f"{n_train} training slices, {steps_per_epoch} steps/epoch, {total} steps in total")
+    say(f"model: {n_params[0]:.2f}M generator-side params, {n_params[1]:.2f}M discriminator params; "
+        f"{n_train} training slices, {steps_per_epoch} steps/epoch, {total} steps in total; batch {bs} per domain"
+        + (f" x {world} processes = {gbs}" if world > 1 else "") + (", autocast bf16" if cfg["amp"] == "bf16" else ""))
     if cfg["attn"] != "none":
         from unit.attention import describe
-        print(f"self-attention ({cfg['attn']}): {describe()}")
+        say(f"self-attention ({cfg['attn']}): {describe()}")
 
+    orders = {}
+    def fetch(step):
+        """This rank's share of the step's batch, copied to the device without waiting (pinned memory on CUDA)."""
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = [batch_indices(n, steps_per_epoch, gbs, cfg["seed"], epoch, d)[:, rank * bs:(rank + 1) * bs]
+                             for n, d in ((n_a, "a"), (n_b, "b"))]
+        ia, ib = orders[epoch][0][i], orders[epoch][1][i]
+        return (to_model(data.train_t1[ia], ch, dev, non_blocking=True),   # (B, ch, H, W) in [-1, 1]
+                to_model(data.train_t2[ib], ch, dev, non_blocking=True))
+
+    gen = torch.Generator(device=dev)
+    noise_shape = None
+    # a control group for the stop flag: gloo on the CPU, so checking it never waits for a GPU
+    ctl = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
     stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(out, "metrics.jsonl"), "a")
-    progress = Progress(total, step)
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if lead else None
+    progress = Progress(total, "step", start=step, enabled=lead, every_s=30)
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
+    bad = torch.zeros((), dtype=torch.long, device=dev)   # first step with a non-finite loss, 0 = none yet
     model.train()
-    order_epoch = None
+    status, stopped, note = 0, False, None
     try:
-        while step < total and stop["signal"] is None:
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order_epoch = epoch
-                order_a = batch_indices(n_a, steps_per_epoch, bs, cfg["seed"], epoch, "a")
-                order_b = batch_indices(n_b, steps_per_epoch, bs, cfg["seed"], epoch, "b")
-            x_a = to_model(data.train_t1[order_a[i]], ch, dev)          # (B, ch, H, W) in [-1, 1]
-            x_b = to_model(data.train_t2[order_b[i]], ch, dev)
-
-            losses = train_step(model, opt_g, opt_d, x_a, x_b, cfg)
+        batch = fetch(step) if step < total else None
+        while step < total:
+            x_a, x_b = batch
+            if noise_shape is None:
+                noise_shape = model.code_shape(x_a)
+            noise = lambda k, s=step: latent_noise(gen, cfg["seed"], s, k, noise_shape, rank)
+            losses = train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg)
             step += 1
+            bad = torch.where((bad == 0) & ~torch.isfinite(losses).all(), step, bad)
+            if step < total:
+                batch = fetch(step)                     # read and copy the next batch while the GPU works
 
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise RuntimeError(f"non-finite loss at step {step}: {losses}; try a lower --lr or --sn")
-            progress.update(step, epoch, cfg["epochs"], losses)
-            if step % cfg["log_every"] == 0:
-                log.write(json.dumps({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                                      "time": round(time.time() - t_start, 1), **losses}) + "\n")
-                log.flush()
+            stopping = stop["signal"] is not None
+            if world > 1:                               # a signal on any rank stops all of them, at the same step
+                flag = torch.tensor([int(stopping)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctl)
+                stopping = bool(flag.item())
+            epoch_end = step % steps_per_epoch == 0 or step == total
+            if step % cfg["log_every"] == 0 or epoch_end or stopping:   # the only host syncs of the loop
+                if world > 1:
+                    dist.all_reduce(losses)             # the mean over all ranks' batches
+                    losses /= world
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item():
+                    raise RuntimeError(f"non-finite loss at step {bad.item()} (losses now: "
+                                       f"{dict(zip(LOSS_NAMES, losses.tolist()))}); try a lower --lr or --sn")
+                vals = dict(zip(LOSS_NAMES, losses.tolist()))
+                note = f"epoch {math.ceil(step / steps_per_epoch)}/{cfg['epochs']} " + \
+                    " ".join(f"{k} {v:.3f}" for k, v in vals.items())
+                if lead and step % cfg["log_every"] == 0:
+                    log.write(json.dumps({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
+                                          "time": round(time.time() - t_start, 1), **vals}) + "\n")
+                    log.flush()
+            progress.set(step, note)                    # the losses shown are those last read
+            if stopping and step < total:
+                stopped = True
+                break
 
-            if step % steps_per_epoch == 0 or step == total:            # end of an epoch (or of the run)
+            if epoch_end and lead:                      # end of an epoch (or of the run): rank 0 writes
                 e = math.ceil(step / steps_per_epoch)
                 if cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total):
                     res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
@@ -363,49 +422,76 @@ def train(cfg, data, ckpt=None):
                                     "identity_ssim": res["identity"]["ssim"]}
                     log.write(json.dumps(last_metrics) + "\n")
                     log.flush()
-                    progress.done()
+                    progress.close()
                     print(f"epoch {e} step {step}: SSIM T1 {res['T1']['ssim']:.4f} T2 {res['T2']['ssim']:.4f} "
-                          f"(identity {res['identity']['ssim']:.4f}, {res['n']} test slices)")
+                          f"(identity {res['identity']['ssim']:.4f}, {res['n']} test slices)", flush=True)
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
                 latest = os.path.join(out, "ckpt.pt")
-                save_checkpoint(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)
+                checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)
                 if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
                     kept = os.path.join(out, f"ckpt_e{e:03d}.pt")
                     shutil.copyfile(latest, kept + ".tmp")
                     os.replace(kept + ".tmp", kept)
+        if stopped:                                     # by a signal, here or on another rank
+            if lead:
+                checkpoint.save(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch,
+                                step, last_metrics)
+                progress.close()
+                how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
+                print(f"interrupted ({how}) at step {step}: saved {out}/ckpt.pt; continue with: "
+                      f"{'torchrun --nproc_per_node=' + str(world) if world > 1 else 'python'} train.py "
+                      f"--resume {out}/ckpt.pt")
+            # 130 (interrupted) for a plain run; under torchrun 0, as torchrun takes any other status for a
+            # crash of that rank and kills the others, possibly before they have left the barrier below
+            status = 130 if world == 1 else 0
+        if world > 1:
+            dist.barrier(group=ctl)                     # no rank leaves before rank 0 has written
     finally:
-        progress.done()
-        log.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-    if stop["signal"] is not None:
-        save_checkpoint(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch, step,
-                        last_metrics)
-        print(f"interrupted ({signal.Signals(stop['signal']).name}) at step {step}: saved {out}/ckpt.pt; "
-              f"continue with: python train.py --resume {out}/ckpt.pt")
-        return model, 130
-    print(f"done: {step} steps in {time.time() - t_start:.0f} s; checkpoint {out}/ckpt.pt; "
-          f"evaluate with: python evaluate.py {out}/ckpt.pt")
-    return model, 0
+        progress.close()
+        if log:
+            log.close()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if not stopped:
+        say(f"done: {step} steps in {time.time() - t_start:.0f} s; checkpoint {out}/ckpt.pt; "
+            f"evaluate with: python evaluate.py {out}/ckpt.pt")
+    return model, status
 
 
 def main(argv=None):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     given, full, resume = parse_args(argv)
-    cfg, ckpt, note = resolve_config(given, full, resume)
+    cfg, ckpt, note = resolve_config(given, full, resume, world)
     hw = check_config(cfg, given) if not resume else None
-    make_writable(cfg["out"])
-    data = get_data(cfg, hw) if not resume else load_prepared(cfg["data"])
-    print(f"config ({note}):")
-    print("  " + json.dumps(cfg))
-    with open(os.path.join(cfg["out"], "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    _, code = train(cfg, data, ckpt)
+    device = cfg["device"]
+    if world > 1:                                       # torchrun: one process per GPU (or CPU share)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        if rank == 0:                                   # rank 0 prepares the phantom (first use) ...
+            make_writable(cfg["out"])
+            data = get_data(cfg, hw) if not resume else load_prepared(cfg["data"])
+        if world > 1:
+            dist.barrier()
+        if rank != 0:                                   # ... the others read it when it is there
+            data = get_data(cfg, hw) if not resume else load_prepared(cfg["data"])
+        if rank == 0:
+            print(f"config ({note}):")
+            print("  " + json.dumps(cfg))
+            with open(os.path.join(cfg["out"], "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+        _, code = train(cfg, data, ckpt, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return code
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (UserError, DataError) as e:
+    except UserError as e:  # unit.data.DataError is one too
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -24,8 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
-from unit.data import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, DataError, PreparedWriter, Progress,  # noqa: E402
+from unit.data import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, DataError, PreparedWriter,  # noqa: E402
                        find_subjects, folder_mb, prepare_phantom, prepare_subject)
+from unit.progress import Progress  # noqa: E402
 
 ORIENTATION = ("volumes reoriented to canonical RAS+ (nibabel); axial slices; image rows run "
                "anterior (top) -> posterior, columns patient's left -> right (neurological "

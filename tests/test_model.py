@@ -5,10 +5,17 @@ import math
 import pytest
 import torch
 
-from train import Config, make_optimizers, train_step
+from train import LOSS_NAMES, Config, make_optimizers, train_step
 from unit.attention import SelfAttention
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UNIT
+
+def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
+    """train.py's step outside its loop (no DDP; latent noise from torch's global RNG) -> losses dict."""
+    losses = train_step(model, model.generator_side(), model.discriminator_side(), opt_g, opt_d, x_a, x_b,
+                        lambda k: None, cfg)
+    return dict(zip(LOSS_NAMES, losses.tolist()))
+
 
 COMBOS = list(itertools.product(ATTN_CHOICES, (False, True), (1, 3)))
 
@@ -78,7 +85,7 @@ def test_one_step_per_variant(attn, sn, charbonnier, channels):
     opt_g, opt_d = make_optimizers(model, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x_a, x_b = torch.rand(2, channels, 64, 64) * 2 - 1, torch.rand(2, channels, 64, 64) * 2 - 1
-    losses = train_step(model, opt_g, opt_d, x_a, x_b, cfg)
+    losses = one_step(model, opt_g, opt_d, x_a, x_b, cfg)
     assert all(math.isfinite(v) for v in losses.values()), losses
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"enc_a", "enc_b", "enc_shared", "gen_shared", "gen_a", "gen_b", "dis_a", "dis_b"}
@@ -135,7 +142,7 @@ def test_training_step_with_the_fused_op(monkeypatch):
     opt_g, opt_d = make_optimizers(model, cfg)
     x_a, x_b = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
     for _ in range(2):   # step 2: gamma is non-zero after step 1, so attention is in the graph
-        losses = train_step(model, opt_g, opt_d, x_a, x_b, cfg)
+        losses = one_step(model, opt_g, opt_d, x_a, x_b, cfg)
     assert all(math.isfinite(v) for v in losses.values())
     gammas = [m.gamma.item() for m in model.modules() if isinstance(m, SelfAttention)]
     assert len(gammas) == 4 and all(g != 0 for g in gammas)

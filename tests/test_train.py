@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import evaluate
 import train
+from unit import checkpoint
 from unit.data import prepare_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,12 +55,12 @@ def test_checkpoint_round_trip(tiny_data, tmp_path):
     out = tmp_path / "run"
     assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["format"] == evaluate.CKPT_FORMAT and ckpt["step"] == 1
+    assert ckpt["format"] == checkpoint.FORMAT and ckpt["step"] == 1
     assert set(ckpt) >= {"model", "opt_g", "opt_d", "config", "epoch", "rng"}
     assert ckpt["opt_g"]["state"] and ckpt["opt_d"]["state"]          # Adam moments are saved
     cfg = ckpt["config"]
     assert json.loads(json.dumps(cfg)) == cfg                          # plain types only
-    model = evaluate.build_model(cfg)
+    model = checkpoint.build_model(cfg)
     model.load_state_dict(ckpt["model"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["model"][k])

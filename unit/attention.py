@@ -49,7 +49,8 @@ BACKENDS = ("auto", "naive", "sdpa", "fused")
 def attention_reference(q, k, v):
     """Plain PyTorch: holds the full (B, N, N) attention matrix. The definition, not the fast path."""
     s = torch.bmm(q.transpose(1, 2), k)            # (B, N, N): s[b, i, j] = q_i . k_j
-    p = torch.softmax(s, dim=-1)                   # softmax over keys j, for each query i
+    # softmax over keys j, for each query i; its statistics in at least fp32 (bf16 under autocast)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
     return torch.bmm(v, p.transpose(1, 2))         # (B, c, N): o_i = sum_j p_ij v_j
 
 

@@ -33,11 +33,14 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from unit import UserError
+from unit.progress import Progress
 
 FILES = ("train_t1.npy", "train_t2.npy", "test_t1.npy", "test_t2.npy", "meta.json")
 MASK_FILES = ("train_mask.npy", "test_mask.npy")
@@ -47,7 +50,7 @@ VERSION = 1
 LAYOUTS = ("phantom", "hcp", "brats", "ixi", "folders")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A user-fixable problem with a dataset: the message is one clear sentence naming the file
     and what to do."""
 
@@ -405,63 +408,6 @@ def write_prepared(out, train_t1, train_t2, test_t1, test_t2, meta, train_mask=N
                 for i in range(a2.shape[0]):
                     w.add(split, ss2[split][i], t2=a2[i])
         return w.finish(meta)
-
-
-# ----------------------------------------------------------------------------------------
-# progress bar (stderr)
-
-
-class Progress:
-    """count/total, rate, ETA on one stderr line (redrawn on a terminal, every ~10% otherwise)."""
-
-    def __init__(self, total, desc="subjects", stream=None, enabled=True):
-        self.total, self.desc, self.enabled = int(total), desc, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.n, self.t0, self.last, self.note, self.shown = 0, time.time(), 0.0, "", False
-        self.next_line = 0
-
-    def _line(self):
-        dt = max(time.time() - self.t0, 1e-9)
-        rate = self.n / dt
-        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-        w = 24
-        fill = int(w * self.n / max(self.total, 1))
-        bar = "=" * fill + (">" if fill < w else "") + " " * max(w - fill - 1, 0)
-        fmt = lambda s: "--:--" if s != s else f"{int(s) // 60:d}:{int(s) % 60:02d}"
-        return (f"{self.desc} {self.n}/{self.total} [{bar}] {rate:.2f}/s "
-                f"elapsed {fmt(dt)} ETA {fmt(eta)}{self.note}")
-
-    def update(self, n=1, note=None):
-        self.n += n
-        if note is not None:
-            self.note = f"  {note}" if note else ""
-        if not self.enabled:
-            return
-        now = time.time()
-        if self.tty:
-            if now - self.last >= 0.1 or self.n >= self.total:
-                self.stream.write("\r" + self._line() + "\033[K")
-                self.stream.flush()
-                self.last, self.shown = now, True
-        elif self.n >= self.next_line or self.n >= self.total:
-            self.stream.write(self._line() + "\n")
-            self.stream.flush()
-            self.next_line = self.n + max(1, self.total // 10)
-
-    def write(self, msg):
-        """Print a message line without garbling the bar."""
-        if self.tty and self.shown and self.enabled:
-            self.stream.write("\r\033[K")
-        self.stream.write(msg + "\n")
-        if self.tty and self.shown and self.enabled:
-            self.stream.write(self._line())
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled and self.tty and self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def folder_mb(path):

@@ -11,7 +11,8 @@ Shapes at 304x256 (H x W), width w=64, one image:
 """
 import torch
 import torch.nn as nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from unit.attention import SelfAttention
 
@@ -87,11 +88,26 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
+class SpectralNormFP32(_SpectralNorm):
+    """torch's spectral norm (Miyato et al. 2018; one power iteration per training forward) with the
+    power iteration and sigma kept in float32 under autocast: on CUDA autocast runs torch.mv in
+    bf16, which would round the u, v estimates every step. Same buffers (_u, _v) and state_dict
+    keys as torch.nn.utils.parametrizations.spectral_norm, so checkpoints are interchangeable."""
+
+    def forward(self, weight):
+        if not torch.amp.is_autocast_available(weight.device.type):   # e.g. the meta device
+            return super().forward(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight.float())
+
+
 def apply_spectral_norm(module):
     """Spectral norm on every conv / transposed conv inside `module` (including attention's 1x1s)."""
     for name, child in module.named_children():
         if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
-            setattr(module, name, spectral_norm(child))
+            # the output-channel dim: 0 for Conv2d weights (out, in, k, k), 1 for ConvTranspose2d (in, out, k, k)
+            dim = 1 if isinstance(child, nn.ConvTranspose2d) else 0
+            parametrize.register_parametrization(child, "weight", SpectralNormFP32(child.weight, dim=dim))
         else:
             apply_spectral_norm(child)
     return module
@@ -106,6 +122,7 @@ class UNIT(nn.Module):
         if attn not in ATTN_CHOICES:
             raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
         w, ea, ga = width, attn in ("encoder", "both"), attn in ("generator", "both")
+        self.width = width
         self.enc_a, self.enc_b = Encoder(channels, w, ea), Encoder(channels, w, ea)
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
@@ -121,17 +138,67 @@ class UNIT(nn.Module):
     def decode(self, z, domain):
         return (self.gen_a if domain == "a" else self.gen_b)(self.gen_shared(z))
 
-    def sample_z(self, mu):
-        """z = mu + N(0, I) while training (the VAE with unit variance of UNIT), z = mu in eval."""
-        return mu + torch.randn_like(mu) if self.training else mu
+    def sample_z(self, mu, noise=None):
+        """z = mu + N(0, I) while training (the VAE with unit variance of UNIT), z = mu in eval.
+        noise: the N(0, I) draw, shaped like mu (train.py draws it reproducibly); None = randn_like."""
+        if not self.training:
+            return mu
+        return mu + (torch.randn_like(mu) if noise is None else noise)
+
+    def code_shape(self, x):
+        """Shape of the latent code of images x (B, ch, H, W): (B, 8w, H/4, W/4)."""
+        return (x.shape[0], 8 * self.width, x.shape[2] // 4, x.shape[3] // 4)
+
+    def cycle(self, x_a, x_b, noise=(None,) * 4):
+        """The passes of a generator step: both VAEs (x -> z -> x), both translations and both
+        cycles (x_a -> x_ab -> x_aba). noise: 4 draws shaped like the codes, for z_a, z_b, z_ab, z_ba.
+        Returns a dict of the codes mu_* and images x_* the losses need."""
+        mu_a, mu_b = self.encode(x_a, "a"), self.encode(x_b, "b")                # (B, 8w, H/4, W/4)
+        z_a, z_b = self.sample_z(mu_a, noise[0]), self.sample_z(mu_b, noise[1])
+        x_aa, x_ba = self.decode(z_a, "a"), self.decode(z_b, "a")
+        x_bb, x_ab = self.decode(z_b, "b"), self.decode(z_a, "b")
+        mu_ab, mu_ba = self.encode(x_ab, "b"), self.encode(x_ba, "a")
+        x_aba = self.decode(self.sample_z(mu_ab, noise[2]), "a")
+        x_bab = self.decode(self.sample_z(mu_ba, noise[3]), "b")
+        return dict(mu_a=mu_a, mu_b=mu_b, mu_ab=mu_ab, mu_ba=mu_ba, x_aa=x_aa, x_bb=x_bb, x_ab=x_ab,
+                    x_ba=x_ba, x_aba=x_aba, x_bab=x_bab)
+
+    def discriminate(self, x_a, x_b):
+        """Logits of D_a on x_a and of D_b on x_b, (B, 1, h, w) each."""
+        return self.dis_a(x_a), self.dis_b(x_b)
 
     @torch.no_grad()
     def translate(self, x, src):
         """Deterministic translation a->b (src='a') or b->a (src='b'), using mu."""
         return self.decode(self.encode(x, src), "b" if src == "a" else "a")
 
+    def generator_side(self):
+        """Encoders, generators and shared blocks as one module whose forward is cycle()."""
+        return Part(self, ("enc_a", "enc_b", "enc_shared", "gen_shared", "gen_a", "gen_b"), self.cycle)
+
+    def discriminator_side(self):
+        """Both discriminators as one module whose forward is discriminate()."""
+        return Part(self, ("dis_a", "dis_b"), self.discriminate)
+
     def generator_params(self):
         return [p for n, p in self.named_parameters() if not n.startswith("dis_")]
 
     def discriminator_params(self):
         return list(self.dis_a.parameters()) + list(self.dis_b.parameters())
+
+
+class Part(nn.Module):
+    """Some of a UNIT's submodules (the same objects, so the same parameters and buffers) with one of
+    the UNIT's methods as forward(). DistributedDataParallel syncs the gradients of one module
+    after one forward and one backward; a UNIT has two such modules, stepped by two optimizers:
+    the generator side (one cycle() per G step) and the discriminators (one discriminate() per D
+    step). The UNIT's own state_dict, and so the checkpoint format, does not change."""
+
+    def __init__(self, unit, names, method):
+        super().__init__()
+        for name in names:
+            self.add_module(name, getattr(unit, name))
+        self.method = method
+
+    def forward(self, *args):
+        return self.method(*args)

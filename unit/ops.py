@@ -23,7 +23,8 @@ Public API:
 
 Registered on load: torch.ops.unit_attn.attention_fwd(q, k, v) -> (o, lse) and
 torch.ops.unit_attn.attention_bwd(grad_o, q, k, v, o, lse) -> (dq, dk, dv), their fake kernels
-(torch.compile, opcheck) and autograd for attention_fwd (lse is not differentiable).
+(torch.compile, opcheck), autograd for attention_fwd (lse is not differentiable) and its autocast
+rule (bf16 inputs on CUDA, fp32 on the CPU).
 Which backend the model uses (fused or PyTorch) is decided in unit/attention.py, not here.
 """
 
@@ -202,6 +203,12 @@ def _register_python_side():
         return dq, dk, dv
 
     torch.library.register_autograd("unit_attn::attention_fwd", backward, setup_context=setup_context)
+
+    # Under torch.autocast: the CUDA kernels get bfloat16 inputs (their bf16 mma.sync path; also under
+    # an fp16 autocast, whose range the unscaled logits q.k could overflow), the CPU kernel float32
+    # (it has no faster low-precision path). The statistics (max, sum, lse) are fp32 either way.
+    torch.library.register_autocast("unit_attn::attention_fwd", "cuda", torch.bfloat16)
+    torch.library.register_autocast("unit_attn::attention_fwd", "cpu", torch.float32)
 
 
 def load(verbose: bool = True) -> bool:

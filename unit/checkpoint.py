@@ -1,0 +1,64 @@
+"""The checkpoint format: one file per checkpoint, written by train.py, read by every script.
+
+    {"format": FORMAT, "version": 1, "config": {...plain types...}, "epoch": int, "step": int,
+     "model": UNIT state_dict, "opt_g": Adam state, "opt_d": Adam state,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor per GPU]}, "metrics": last eval line or None}
+
+"config" is the resolved training config (train.py's Config as a dict), so that build_model()
+and evaluate.py need nothing else. Files are loaded with torch.load(weights_only=True): no pickled
+code runs. A key that later versions of train.py add to the config is missing from older files;
+train.py fills it from its Config defaults on --resume.
+"""
+import os
+
+import torch
+
+from unit import UserError
+from unit.model import UNIT
+
+FORMAT = "unit-mri-checkpoint"
+VERSION = 1
+
+
+def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics):
+    """Write atomically (a temp file next to the target, then a rename): a run killed while saving
+    leaves the previous checkpoint intact."""
+    ckpt = {"format": FORMAT, "version": VERSION, "config": cfg, "epoch": epoch, "step": step,
+            "model": model.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "metrics": metrics}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load(path, map_location="cpu"):
+    """Load one of this project's checkpoints (weights_only) or raise UserError saying why not."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, pickle of something else, not a torch file at all
+        raise UserError(f"{path} is not a readable checkpoint of this project "
+                        f"({type(e).__name__}); pass the ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is a torch file but not a checkpoint written by this project's "
+                        f"train.py (no '{FORMAT}' marker)")
+    if ckpt.get("version", 1) > VERSION:
+        raise UserError(f"{path} is a version {ckpt['version']} checkpoint, newer than this code reads "
+                        f"(version {VERSION}); update the repository")
+    return ckpt
+
+
+def build_model(cfg):
+    """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
+    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"])
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on `device`, checkpoint dict) from a checkpoint file."""
+    ckpt = load(path)
+    model = build_model(ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
