@@ -220,6 +220,34 @@ def test_cpu_opcheck(op):
     torch.library.opcheck(op.attention_bwd.default, (go, q.detach(), k.detach(), v.detach(), o, lse))
 
 
+def test_cpu_autocast_runs_the_op_in_float32(op):
+    # the op's autocast rule (unit/ops.py): on the CPU its inputs are cast to float32, so under a bf16
+    # autocast it gives exactly its float32 result, also for the bf16 tensors an autocast conv returns
+    q, k, v, go = make_inputs(2, 8, 16, T + 5, dtype=torch.float32)
+    want = ops.fused_attention(q, k, v)
+    for dtype in (torch.float32, torch.bfloat16):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", torch.bfloat16):
+            o = ops.fused_attention(*ins)
+        assert o.dtype == torch.float32
+        ref = want if dtype == torch.float32 else ops.fused_attention(*(t.detach().float() for t in ins))
+        assert torch.equal(o, ref)
+        o.backward(go)                                 # gradients arrive in the inputs' dtype
+        assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in ins)
+    assert rel_err(o, reference(q, k, v, go)[0]) < 1e-2  # bf16-rounded inputs: bf16 tolerance
+
+
+def test_reference_softmax_is_float32_under_autocast():
+    # unit.attention.attention_reference under a CPU bf16 autocast: bmm in bf16 (autocast's choice),
+    # the softmax statistics in float32; the result is within bf16 tolerance of float64
+    from unit.attention import attention_reference
+    q, k, v, go = make_inputs(2, 8, 16, 3 * T, dtype=torch.float32)
+    with torch.autocast("cpu", torch.bfloat16):
+        o = attention_reference(q, k, v)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, reference(q, k, v, go)[0]) < 2e-2
+
+
 def test_cpu_never_allocates_n_by_n(op):
     # The generator's N = 19456: one float32 N x N matrix would be 1.5 GB. In a fresh process,
     # run forward + backward and check the peak resident memory grows by far less than that.
@@ -332,6 +360,22 @@ def test_cuda_opcheck(cuda_op):
     torch.library.opcheck(cuda_op.attention_fwd.default, tuple(t.requires_grad_() for t in (q, k, v)))
     o, lse = cuda_op.attention_fwd(q.detach(), k.detach(), v.detach())
     torch.library.opcheck(cuda_op.attention_bwd.default, (go, q.detach(), k.detach(), v.detach(), o, lse))
+
+
+@cuda
+def test_cuda_autocast_gives_the_op_bf16_inputs(cuda_op):
+    # the op's CUDA autocast rule: float32 inputs are cast to bf16 (its bf16 kernels run), under a bf16
+    # and an fp16 autocast alike; the result matches the float32 op within bf16 tolerance
+    q, k, v, go = make_inputs(2, 64, 512, 1000, dtype=torch.float32, device="cuda")
+    want = ops.fused_attention(q, k, v)
+    for amp in (torch.bfloat16, torch.float16):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cuda", amp):
+            o = ops.fused_attention(*ins)
+        assert o.dtype == torch.bfloat16
+        assert rel_err(o, want) < 1e-2
+        o.backward(go.to(o.dtype))
+        assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in ins)
 
 
 @cuda

@@ -1,6 +1,7 @@
 """train.py / evaluate.py end to end on a tiny phantom: CLI smoke, checkpoints, exact resume,
 and the one-sentence errors for bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,3 +158,62 @@ def test_batch_order_is_a_function_of_seed_epoch_domain():
     assert not np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=4, domain="a"))
     b = train.batch_indices(25, 4, 2, seed=0, epoch=0, domain="b")              # unpaired: more B slices
     assert b.max() < 25 and len(set(b.ravel())) == 8
+
+
+def test_amp_bf16_trains_like_fp32(tiny_data, tmp_path):
+    """--amp bf16 (autocast on the CPU here, with spectral norm and attention): finite losses, the
+    same learning curve as fp32 (40 steps take the reconstruction loss from ~2.0 to ~1.4; bf16 stays
+    within 2% of fp32 at every logged step: measured 0.3%) and the same SSIM within 0.02 (both
+    still near the identity's after so few steps: the learning curve is the sharper check)."""
+    runs = {}
+    for amp in ("fp32", "bf16"):
+        out = tmp_path / amp
+        r = run("train.py", "--data", tiny_data, "--out", str(out), *TINY, "--sn", "--attn", "encoder", "--amp", amp,
+                "--max-steps", "40", "--epochs", "100", "--eval-every", "100", "--log-every", "10",
+                env={"UNIT_ATTN": "auto"})
+        assert r.returncode == 0, r.stderr
+        runs[amp] = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    curves = {amp: [m for m in lines if m["kind"] == "train"] for amp, lines in runs.items()}
+    assert [m["step"] for m in curves["bf16"]] == [10, 20, 30, 40]
+    assert all(math.isfinite(m[k]) for m in curves["bf16"] for k in train.LOSS_NAMES)
+    for k in ("rec", "cyc"):
+        fp32, bf16 = [m[k] for m in curves["fp32"]], [m[k] for m in curves["bf16"]]
+        assert fp32[-1] < 0.8 * fp32[0]                                      # it learns
+        assert all(abs(b / f - 1) < 0.02 for f, b in zip(fp32, bf16)), (k, fp32, bf16)
+    ssim = {amp: [m for m in lines if m["kind"] == "eval"][-1] for amp, lines in runs.items()}
+    for c in ("T1", "T2"):
+        assert abs(ssim["bf16"][f"ssim_{c}"] - ssim["fp32"][f"ssim_{c}"]) < 0.02, ssim
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available to torch")
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_cuda_step_never_waits_for_the_gpu(amp):
+    """train.py's step, the latent noise and the next batch's copy, with torch's sync debug mode set to
+    raise on any host-device synchronisation (after one warm-up step: the attention op's self-check
+    and the dispatch's first choice do synchronise, once)."""
+    import numpy as np
+    from unit.evaluation import to_model
+    from unit.model import UNIT
+    cfg = {**train.Config().__dict__, "attn": "both", "sn": True, "amp": amp}
+    torch.manual_seed(0)
+    model = UNIT(width=4, attn="both", sn=True).cuda()
+    opt_g, opt_d = train.make_optimizers(model, cfg)
+    gen = torch.Generator(device="cuda")
+    images = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    x = to_model(images[:2], 1, "cuda", non_blocking=True)
+    shape = model.code_shape(x)
+
+    def step(i):
+        x_a, x_b = to_model(images[:2], 1, "cuda", non_blocking=True), to_model(images[2:], 1, "cuda", non_blocking=True)
+        noise = lambda k: train.latent_noise(gen, 0, i, k, shape, 0)
+        return train.train_step(model, model.generator_side(), model.discriminator_side(), opt_g, opt_d, x_a, x_b,
+                                noise, cfg)
+
+    step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(i) for i in (1, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.stack(losses)).all()
