@@ -5,8 +5,8 @@ Benchmarks and the first-GPU check, printed as markdown.
                                                    # CPU: the shapes listed in CPU_SHAPES, fp32 (~2 min)
     python bench.py attention --shapes encoder --dtypes bf16 --batch 1
     python bench.py attention --shape 64,512,4096  # any d,c,N[,B], repeatable
-    python bench.py train                          # one UNIT training iteration (D + G step)
-    python bench.py train --attn encoder --sn --size 304x256 --width 64 --batch 8
+    python bench.py train                          # train.py: fp32 vs bf16, 1 vs 2 processes, compile
+    python bench.py train --attn generator --sn --size 304x256 --width 64 --batch 8 --variants fp32,bf16
     python bench.py gpu-check [--out report.md]    # build, tests, sanitizer, bench, training steps
 
 attention: o = v . softmax_keys(q^T k), no scale, q, k (B, d, N), v (B, c, N), timed as
@@ -24,16 +24,20 @@ included; GPU only). TFLOP/s counts the algorithm's FLOPs, the same for every me
 After the table: per shape, the fused op's fwd+bwd speed-up over naive and over the fastest SDPA
 backend, and what UNIT_ATTN=auto picks there (unit/attention.py's rule, on this run's times).
 
-train: median seconds per train.py iteration (train_step: one D step and one G step) on random
-images, images/s (per domain), peak memory on GPU; the attention backend as UNIT_ATTN picks it.
+train: train.py itself, each run in a process of its own on the phantom of the chosen size (default:
+  the poster's 304x256 / width 64 / batch 8 on a GPU, the CPU preset's 96x80 / 8 / 4 on a CPU):
+  seconds per step from the times in its metrics.jsonl (after a warm-up fifth of the steps),
+  images/s per domain summed over processes, and peak memory (CUDA: tensors; CPU: rank 0's RSS),
+  for fp32, --amp bf16 and torchrun with 2 processes (gloo on the CPU with half the threads each;
+  NCCL on 2 GPUs); then the model's passes eager vs torch.compile (train.py has no --compile).
 
 gpu-check: what the first GPU this project gets should run, in one command and under ~8 minutes
 on an H100; it prints one markdown report (README's Performance section takes it as it is):
 the CUDA build for this GPU, the fused op's self-check, the CUDA tests of
 tests/test_attention_op.py, compute-sanitizer memcheck, racecheck and synccheck on a small case,
-`attention` at both UNIT shapes (B = 8, fp32 and bf16), and 50 training steps of the poster's
-configuration (304x256, width 64, batch 8) with --attn encoder and --attn generator on each
-backend. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
+`attention` at both UNIT shapes (B = 8, fp32 and bf16), 50 train.py steps of the poster's
+configuration (304x256, width 64, batch 8) with --attn encoder and --attn generator on the fused
+op and on SDPA, and `train` (fp32 vs bf16 vs compile) with --attn encoder. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
 the CPU bench, a few CPU-preset steps) and lists what it could not run.
 """
 
@@ -360,35 +364,112 @@ def cmd_attention(args):
 # python bench.py train
 
 
-def cmd_train(args):
-    from train import Config, make_optimizers, train_step
-    from unit.attention import used
+TRAIN_VARIANTS = ("fp32", "bf16", "2proc", "compile")
+
+
+def train_run(device, size, width, batch, flags, steps, nproc=1, env=None):
+    """Run train.py (under torchrun when nproc > 1) for `steps` steps on the phantom of `size`, in a
+    process of its own; -> dict(s_step, peak_mb, finite) or dict(error). s/step is measured between
+    the first log line (step steps/5: warm-up, the attention dispatch's first choices) and the last,
+    from the times train.py writes in metrics.jsonl; peak memory is the one logged by rank 0."""
+    import json
+    import tempfile
+    log_every = max(steps // 5, 1)
+    with tempfile.TemporaryDirectory() as out:
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+               if nproc > 1 else [sys.executable]) + [
+            "train.py", "--full", "--device", device, "--size", size, "--width", str(width), "--batch-size",
+            str(batch), "--max-steps", str(steps), "--log-every", str(log_every), "--eval-every", "0",
+            "--save-epochs", "", "--out", out, *flags]
+        rc, secs, text = run(cmd, 1800, env=env)
+        if rc:
+            oom = "out of memory" in text.lower()
+            last = next((l for l in reversed(text.splitlines()) if "Error" in l or "error:" in l), f"exit {rc}")
+            return {"error": "OOM" if oom else last.strip()[:120]}
+        lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    lines = [m for m in lines if m["kind"] == "train"]
+    first, last = lines[0], lines[-1]
+    finite = all(v == v and abs(v) != float("inf") for m in lines for k, v in m.items() if k in ("D", "G"))
+    return {"s_step": (last["time"] - first["time"]) / (last["step"] - first["step"]), "peak_mb": last["peak_mem_mb"],
+            "finite": finite}
+
+
+def passes_ms(device, size, width, batch, attn, sn, amp, compiled, iters):
+    """(compile s, ms per iteration) of the model's training passes (cycle() + discriminate(), forward
+    and backward of a plain sum, no optimizer), eager or under torch.compile. train.py has no
+    --compile: this measures whether it would pay."""
     from unit.model import UNIT
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    H, W = (int(x) for x in args.size.lower().split("x"))
-    cfg = {**Config().__dict__, "attn": args.attn, "sn": args.sn, "charbonnier": args.charbonnier}
+    H, W = (int(x) for x in size.lower().split("x"))
     torch.manual_seed(0)
-    model = UNIT(channels=1, width=args.width, attn=args.attn, sn=args.sn).to(device)
-    opt_g, opt_d = make_optimizers(model, cfg)
-    x_a = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
-    x_b = torch.rand(args.batch, 1, H, W, device=device) * 2 - 1
-    losses = {}
+    model = UNIT(width=width, attn=attn, sn=sn).to(device)
+    g, d = model.generator_side(), model.discriminator_side()
+    if compiled:
+        g, d = torch.compile(g), torch.compile(d)
+    x_a, x_b = (torch.rand(batch, 1, H, W, device=device) * 2 - 1 for _ in range(2))
 
-    def step():
-        losses.update(train_step(model, opt_g, opt_d, x_a, x_b, cfg))  # .item() inside syncs the GPU
+    def it():
+        with torch.autocast(device, torch.bfloat16, enabled=amp == "bf16"):
+            o = g(x_a, x_b, [None] * 4)
+            l_a, l_b = d(o["x_ba"], o["x_ab"])
+        (sum(v.float().mean() for v in o.values()) + l_a.float().mean() + l_b.float().mean()).backward()
 
-    iters = args.iters or (20 if device == "cuda" else 5)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(step, device, args.warmup, iters)
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "-"
-    finite = all(v == v and abs(v) != float("inf") for v in losses.values())
-    print(f"\n## train step  ({stamp(device)})\n")
-    print("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory | losses finite |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---|")
-    print(f"| {H}x{W} | {args.width} | {args.batch} | {args.attn} ({'/'.join(used()) or '-'}) "
-          f"| {args.sn} | {ms / 1e3:.3f} | {args.batch / (ms / 1e3):.1f} | {peak} | {finite} |")
+    t0 = time.time()
+    it()
+    sync(device)
+    first = time.time() - t0
+    return first, median_ms(it, device, 1, iters)
+
+
+def cmd_train(args):
+    """The table of issue 8: train.py's speed and peak memory, fp32 vs --amp bf16, 1 vs 2 processes
+    (torchrun: gloo on the CPU, NCCL on 2 GPUs), and eager vs torch.compile on the model's passes."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    size = args.size or ("304x256" if gpu else "96x80")
+    width, batch = args.width or (64 if gpu else 8), args.batch or (8 if gpu else 4)
+    steps = args.steps or (60 if gpu else 25)
+    variants = args.variants.split(",") if args.variants else TRAIN_VARIANTS
+    flags = ["--attn", args.attn] + ["--sn"] * args.sn + ["--charbonnier"] * args.charbonnier
+    backend = os.environ.get("UNIT_ATTN", "auto")
+    print(f"\n## train.py  ({stamp(device)})\n")
+    print(f"{size}, width {width}, batch {batch} per domain and process, --attn {args.attn}"
+          f"{' --sn' if args.sn else ''}{' --charbonnier' if args.charbonnier else ''}, UNIT_ATTN={backend}; "
+          f"{steps} steps, timed after the first {max(steps // 5, 1)}; each run in its own process\n")
+    print("| run | processes | s/step | images/s (all processes) | vs fp32 | peak memory (rank 0) | losses finite |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    rows = [("fp32", [], 1), ("bf16", ["--amp", "bf16"], 1)]
+    n2 = 2 if not gpu or torch.cuda.device_count() >= 2 else 0
+    if n2:
+        rows.append(("2proc", [], 2))
+    base = None
+    for name, extra, nproc in rows:
+        if name not in variants:
+            continue
+        env = {"OMP_NUM_THREADS": str(max(os.cpu_count() // nproc, 1))} if not gpu else None
+        r = train_run(device, size, width, batch, flags + extra, steps, nproc, env)
+        label = {"fp32": "fp32", "bf16": "--amp bf16", "2proc": f"fp32, torchrun ({'NCCL' if gpu else 'gloo'})"}[name]
+        if "error" in r:
+            print(f"| {label} | {nproc} | {r['error']} | | | | |")
+            continue
+        ips = nproc * batch / r["s_step"]
+        base = base or (ips if name == "fp32" else None)
+        mem = f"{r['peak_mb'] / 1024:.2f} GiB" + (" (tensors)" if gpu else " (RSS)")
+        print(f"| {label} | {nproc} | {r['s_step']:.3f} | {ips:.1f} | {f'{ips / base:.2f}x' if base else '-'} | "
+              f"{mem} | {r['finite']} |", flush=True)
+    if "2proc" in variants and not n2:
+        print(f"| fp32, torchrun | 2 | not run: {torch.cuda.device_count()} GPU | | | | |")
+    if "compile" in variants:
+        print("\nthe model's passes (cycle + discriminate, forward + backward; no optimizer), eager vs torch.compile:\n")
+        print("| amp | eager ms/iter | compiled ms/iter | compiled / eager | first compiled call (compile) |")
+        print("|---|---:|---:|---:|---:|")
+        for amp in (["fp32", "bf16"] if gpu else ["fp32"]):
+            iters = 10 if gpu else 3
+            try:
+                _, eager = passes_ms(device, size, width, batch, args.attn, args.sn, amp, False, iters)
+                first, comp = passes_ms(device, size, width, batch, args.attn, args.sn, amp, True, iters)
+                print(f"| {amp} | {eager:.1f} | {comp:.1f} | {comp / eager:.2f} | {first:.0f} s |", flush=True)
+            except Exception as e:  # a compile failure is a result too
+                print(f"| {amp} | | failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''} | | |")
 
 
 # -----------------------------------------------------------------------------
@@ -491,24 +572,28 @@ def cmd_gpu_check(args):
         not_run.append("`bench.py attention` at the UNIT shapes with B = 8 on a GPU (fp32, bf16)")
         attention_table("cpu", pick_shapes("cpu", None, None, None), ["fp32"], 1, 3, log)
 
-    # 6. training steps, each backend, in its own process (an out-of-memory stays there)
-    cfgs = [("304x256", 64, 8, 50)] if device == "cuda" else [("96x80", 8, 4, 5)]
+    # 6. train.py: each attention backend (fp32), then fp32 vs bf16 vs compile on auto's choice
     if device == "cpu":
-        not_run.append("50 training steps of the poster configuration (304x256, width 64, batch 8) on a GPU; "
-                       "ran 5 CPU-preset steps (96x80, width 8, batch 4) instead")
-    log("\n## training steps (`bench.py train`, each backend in its own process)\n")
-    log("| size | width | batch | attn (backend) | sn | s/iter | images/s | peak memory | losses finite |")
-    log("|---|---:|---:|---|---|---:|---:|---:|---|")
-    for size, width, batch, iters in cfgs:
-        for attn in ("encoder", "generator"):
-            for backend in ("fused", "sdpa", "naive"):
-                cmd = [py, "bench.py", "train", "--device", device, "--size", size, "--width", str(width),
-                       "--batch", str(batch), "--attn", attn, "--sn", "--charbonnier", "--iters", str(iters)]
-                rc, secs, out = run(cmd, 900, env={"UNIT_ATTN": backend})
-                row = next((l for l in out.splitlines() if l.startswith(f"| {size} ")), None)
-                oom = "out of memory" in out.lower()
-                log(row if rc == 0 and row else f"| {size} | {width} | {batch} | {attn} ({backend}) | True | "
-                    f"{'OOM' if oom else f'failed (exit {rc})'} | | | |")
+        not_run.append("train.py at the poster configuration (304x256, width 64, batch 8) on a GPU; ran the CPU "
+                       "preset's size (96x80, width 8, batch 4) instead")
+    log("\n## train.py (`bench.py train`, each run in its own process)\n")
+    steps = "50" if device == "cuda" else "10"
+    for attn in ("encoder", "generator"):
+        for backend in (("fused", "sdpa") if device == "cuda" else ("fused",)):
+            rc, secs, out = run([py, "bench.py", "train", "--device", device, "--attn", attn, "--sn", "--charbonnier",
+                                 "--steps", steps, "--variants", "fp32"], 900, env={"UNIT_ATTN": backend})
+            for line in out.splitlines():
+                if line.startswith(("| fp32", "| run", "|---")) or (line and line[0].isdigit()):
+                    log(line)
+            if rc:
+                log(f"(exit {rc}) " + (out.strip().splitlines() or [""])[-1][:200])
+    variants = ",".join(TRAIN_VARIANTS) if device == "cuda" else "fp32,2proc"   # bf16 and compile: minutes on a CPU
+    if device == "cpu":
+        not_run.append("`bench.py train` with --amp bf16 and torch.compile on a GPU")
+    rc, secs, out = run([py, "bench.py", "train", "--device", device, "--attn", "encoder", "--sn", "--charbonnier",
+                         "--steps", steps, "--variants", variants], 1200)
+    for line in out.splitlines()[2:]:
+        log(line)
 
     log("\n## not run here\n")
     for n in not_run or ["(everything ran)"]:
@@ -535,16 +620,16 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 10 on GPU, 3 on CPU)")
     p.set_defaults(func=cmd_attention)
-    t = sub.add_parser("train", help="one UNIT training iteration (D + G step) on random images")
+    t = sub.add_parser("train", help="train.py's speed and memory: fp32 vs bf16, 1 vs 2 processes, eager vs compile")
     t.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
-    t.add_argument("--size", default="304x256", help="HxW (default 304x256)")
-    t.add_argument("--width", type=int, default=64, help="model width (default 64, the poster's)")
-    t.add_argument("--batch", type=int, default=8, help="images per domain (default 8)")
-    t.add_argument("--attn", default="none", choices=["none", "encoder", "generator", "both"])
+    t.add_argument("--size", default=None, help="HxW (default 304x256 on GPU, 96x80 on CPU)")
+    t.add_argument("--width", type=int, default=None, help="model width (default 64 on GPU, 8 on CPU)")
+    t.add_argument("--batch", type=int, default=None, help="images per domain and process (default 8 GPU, 4 CPU)")
+    t.add_argument("--attn", default="encoder", choices=["none", "encoder", "generator", "both"])
     t.add_argument("--sn", action="store_true")
     t.add_argument("--charbonnier", action="store_true")
-    t.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
-    t.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 on GPU, 5 on CPU)")
+    t.add_argument("--steps", type=int, default=None, help="train.py steps per run (default 60 GPU, 25 CPU)")
+    t.add_argument("--variants", default=None, help=f"comma list of {','.join(TRAIN_VARIANTS)} (default all)")
     t.set_defaults(func=cmd_train)
     g = sub.add_parser("gpu-check", help="the first-GPU validation: build, self-check, tests, sanitizer, bench, "
                                          "training steps")

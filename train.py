@@ -243,6 +243,14 @@ def sample_grid(model, data, cfg, path, n=4):
     Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
 
 
+def peak_mem_mb(dev):
+    """Peak memory so far: on CUDA what tensors took on this GPU, on the CPU the process's resident set."""
+    if dev.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(dev) / 2 ** 20)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux reports KiB
+
+
 def set_requires_grad(params, flag):
     for p in params:
         p.requires_grad_(flag)
@@ -406,7 +414,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     " ".join(f"{k} {v:.3f}" for k, v in vals.items())
                 if lead and step % cfg["log_every"] == 0:
                     log.write(json.dumps({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                                          "time": round(time.time() - t_start, 1), **vals}) + "\n")
+                                          "time": round(time.time() - t_start, 3), **vals,
+                                          "peak_mem_mb": peak_mem_mb(dev)}) + "\n")
                     log.flush()
             progress.set(step, note)                    # the losses shown are those last read
             if stopping and step < total:
