@@ -217,3 +217,20 @@ def test_cuda_step_never_waits_for_the_gpu(amp):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(losses)).all()
+
+
+def test_checkpoints_from_before_amp_and_torchrun_still_load(tiny_data, tmp_path):
+    """Version 1 files written before --amp and torchrun have no "amp" and "world_size" in their config:
+    evaluate.py reads them and --resume continues them with the defaults (fp32, 1 process)."""
+    out = tmp_path / "run"
+    assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for k in ("amp", "world_size"):
+        del ckpt["config"][k]
+    torch.save(ckpt, out / "old.pt")
+    r = run("evaluate.py", str(out / "old.pt"))
+    assert r.returncode == 0 and "SSIM T1" in r.stdout, r.stderr
+    r = run("train.py", "--resume", str(out / "old.pt"), "--max-steps", "2", "--out", str(tmp_path / "resumed"))
+    assert r.returncode == 0, r.stderr
+    cfg = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["amp"] == "fp32" and cfg["world_size"] == 1
