@@ -146,3 +146,32 @@ def test_training_step_with_the_fused_op(monkeypatch):
     assert all(math.isfinite(v) for v in losses.values())
     gammas = [m.gamma.item() for m in model.modules() if isinstance(m, SelfAttention)]
     assert len(gammas) == 4 and all(g != 0 for g in gammas)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available to torch"))])
+def test_spectral_norm_fp32_is_torchs_outside_autocast_and_fp32_inside(device):
+    """unit.model's spectral norm gives torch's spectral_norm bit for bit (same init, buffers, keys),
+    and under a bf16 autocast its power iteration and sigma stay float32: the u buffer it leaves is
+    the one an fp32 forward leaves. (CUDA is the case that matters: there autocast runs torch.mv,
+    the power iteration's product, in bf16; CPU autocast does not.)"""
+    import torch.nn as nn
+    from torch.nn.utils.parametrizations import spectral_norm
+    from unit.model import apply_spectral_norm
+    torch.manual_seed(0)
+    ours = apply_spectral_norm(nn.Sequential(nn.Conv2d(4, 6, 3), nn.ConvTranspose2d(6, 5, 3)))
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(4, 6, 3), nn.ConvTranspose2d(6, 5, 3))
+    theirs = nn.Sequential(spectral_norm(theirs[0]), spectral_norm(theirs[1]))
+    ours, theirs = ours.to(device), theirs.to(device)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 4, 9, 9, device=device)
+    assert torch.equal(ours(x), theirs(x))                          # training mode: one power iteration each
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.autocast(device, torch.bfloat16):
+        y = ours(x)
+    theirs(x)                                                       # the same iteration in fp32
+    assert y.dtype == torch.bfloat16
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
