@@ -578,15 +578,20 @@ def cmd_gpu_check(args):
                        "preset's size (96x80, width 8, batch 4) instead")
     log("\n## train.py (`bench.py train`, each run in its own process)\n")
     steps = "50" if device == "cuda" else "10"
+    log(f"fp32, --sn --charbonnier, the size of `bench.py train` on this device, {steps} steps:\n")
+    log("| attn | UNIT_ATTN | s/step | images/s | peak memory | losses finite |")
+    log("|---|---|---:|---:|---:|---|")
     for attn in ("encoder", "generator"):
         for backend in (("fused", "sdpa") if device == "cuda" else ("fused",)):
             rc, secs, out = run([py, "bench.py", "train", "--device", device, "--attn", attn, "--sn", "--charbonnier",
                                  "--steps", steps, "--variants", "fp32"], 900, env={"UNIT_ATTN": backend})
-            for line in out.splitlines():
-                if line.startswith(("| fp32", "| run", "|---")) or (line and line[0].isdigit()):
-                    log(line)
-            if rc:
-                log(f"(exit {rc}) " + (out.strip().splitlines() or [""])[-1][:200])
+            row = next((l.split("|") for l in out.splitlines() if l.startswith("| fp32 |")), None)
+            if rc == 0 and row and len(row) == 9:   # | fp32 | 1 | s/step | img/s | vs | memory | finite |
+                log(f"| {attn} | {backend} |{row[3]}|{row[4]}|{row[6]}|{row[7]}|")
+            else:
+                why = row[3].strip() if row else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:150]
+                log(f"| {attn} | {backend} | {why} | | | |")
+    log()
     variants = ",".join(TRAIN_VARIANTS) if device == "cuda" else "fp32,2proc"   # bf16 and compile: minutes on a CPU
     if device == "cpu":
         not_run.append("`bench.py train` with --amp bf16 and torch.compile on a GPU")
