@@ -88,7 +88,7 @@ class Config:
 # Without CUDA the poster's configuration is far too slow (2 cores: ~4 s per iteration already at
 # 128x112 with width 16, and the poster's width 64 at 304x256 is ~100x more work), so a CPU run picks
 # this reduced preset for every field not given on the command line, prints it, and --full turns it
-# off. On a 2-core machine it runs ~2.7 it/s: 6 epochs of 225 iterations in about 9 minutes (README).
+# off. On a 2-core machine it runs 1.3-2.7 it/s (the machine varies): 6 epochs of 225 iterations in 9-18 min (README).
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
 
 RESUMABLE = {"epochs", "max_steps", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
