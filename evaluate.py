@@ -5,8 +5,8 @@
 
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
 "T2" = T1w->T2w scored against the real T2w: SSIM, PSNR (dB) and MAE on [0, 1] images, over the
-whole slice and inside the brain mask, plus the identity baseline (the input slice itself scored
-as the output) for scale. Everything the model needs comes from the checkpoint.
+whole slice and inside the brain mask, MS-SSIM and GMSD (fine detail; whole slice), plus the
+identity baseline (the input slice itself scored as the output) for scale. Everything the model needs comes from the checkpoint.
 
 With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
 slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the
@@ -29,8 +29,9 @@ from unit.metrics import mae, psnr, ssim_volume
 
 
 def table(res):
-    """The results as a markdown table (the poster's columns plus PSNR, MAE and masked SSIM)."""
-    keys = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain")]
+    """The results as a markdown table (the poster's columns plus PSNR, MAE, masked SSIM, MS-SSIM, GMSD)."""
+    keys = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain"),
+            ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD")]
     keys = [k for k in keys if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]

@@ -70,3 +70,97 @@ def test_psnr_and_mae_per_volume():
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     np.testing.assert_allclose(mae(ta, tb).numpy(), np.abs(a - b).mean(axis=(1, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(psnr(ta, tb).numpy(), 10 * np.log10(1 / ((a - b) ** 2).mean(axis=(1, 2, 3))), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# MS-SSIM and GMSD against float64 NumPy transcriptions of the papers' definitions
+
+from scipy.signal import convolve2d  # noqa: E402  (scikit-image's dependency)
+
+from unit.metrics import gmsd, ms_ssim  # noqa: E402
+
+
+def np_ssim_terms(a, b):
+    """Wang et al. 2004 maps on the valid region: (l * cs, cs), 11-tap Gaussian, sigma 1.5."""
+    t = np.arange(11) - 5.0
+    g = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    f = lambda v: convolve2d(v, w, mode="valid")
+    ma, mb = f(a), f(b)
+    va, vb, cab = f(a * a) - ma ** 2, f(b * b) - mb ** 2, f(a * b) - ma * mb
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    cs = (2 * cab + c2) / (va + vb + c2)
+    return (2 * ma * mb + c1) / (ma ** 2 + mb ** 2 + c1) * cs, cs
+
+
+def np_ms_ssim(a, b):
+    """Wang, Simoncelli, Bovik 2003: prod_j mean(cs_j)^w_j * mean(ssim_M)^w_M over the scales whose
+    image still holds the 11x11 window, weights renormalised when fewer than 5; 2x2 mean to halve."""
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    n = sum(1 for j in range(5) if min(a.shape) // 2 ** j >= 11)
+    weights = np.array(weights[:n]) / sum(weights[:n])
+    out = 1.0
+    for j in range(n):
+        full, cs = np_ssim_terms(a, b)
+        out *= max((full if j == n - 1 else cs).mean(), 0) ** weights[j]
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        a = a[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+        b = b[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    return out
+
+
+def matlab_same(a, k):
+    """MATLAB's conv2(a, k, 'same'): the full convolution from row/col floor(size(k)/2) on."""
+    r, c = k.shape[0] // 2, k.shape[1] // 2
+    return convolve2d(a, k, mode="full")[r:r + a.shape[0], c:c + a.shape[1]]
+
+
+def np_gmsd(dist, ref):
+    """Xue et al. 2014's reference code (GMSD.m) for images in [0, 1] (T = 170 / 255^2)."""
+    ave = np.ones((2, 2)) / 4
+    y1, y2 = matlab_same(ref, ave)[::2, ::2], matlab_same(dist, ave)[::2, ::2]
+    dx = np.array([[1, 0, -1]] * 3) / 3
+    gm = lambda v: np.sqrt(matlab_same(v, dx) ** 2 + matlab_same(v, dx.T) ** 2)
+    g1, g2 = gm(y1), gm(y2)
+    t = 170 / 255 ** 2
+    return np.std((2 * g1 * g2 + t) / (g1 ** 2 + g2 ** 2 + t), ddof=1)
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 41), (3, 96, 80), (3, 176, 181), (3, 33, 200)])
+def test_ms_ssim_matches_numpy_transcription(shape):
+    a, b = pairs(sum(shape), shape)
+    mine = ms_ssim(torch.from_numpy(a).float(), torch.from_numpy(b).float()).numpy()
+    ref = [np_ms_ssim(a[i].astype(np.float32).astype(np.float64), b[i].astype(np.float32).astype(np.float64))
+           for i in range(len(a))]
+    np.testing.assert_allclose(mine, ref, atol=1e-5)
+
+
+def test_ms_ssim_known_values():
+    a, b = pairs(7, (3, 96, 80))
+    x = torch.from_numpy(a).float()
+    assert torch.allclose(ms_ssim(x, x), torch.ones(3))                     # identical images
+    assert ms_ssim(x, torch.from_numpy(b).float()).max() < 1
+    # a 20x20 image has one scale (20 // 2 = 10 < 11), where MS-SSIM is SSIM clipped at 0 (the second
+    # pair is anticorrelated: SSIM -0.96)
+    small_a, small_b = x[:, :20, :20], torch.from_numpy(b[:, :20, :20]).float()
+    assert torch.allclose(ms_ssim(small_a, small_b), ssim(small_a, small_b).clamp_min(0), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ms_ssim(x[:, :10, :30], x[:, :10, :30])
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 41), (3, 96, 80), (3, 33, 64)])
+def test_gmsd_matches_numpy_transcription(shape):
+    a, b = pairs(sum(shape) + 1, shape)
+    mine = gmsd(torch.from_numpy(b), torch.from_numpy(a)).numpy()
+    ref = [np_gmsd(b[i], a[i]) for i in range(len(a))]
+    np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_gmsd_known_values():
+    a, b = pairs(11, (3, 40, 40))
+    x = torch.from_numpy(a)
+    assert torch.equal(gmsd(x, x), torch.zeros(3, dtype=torch.float32))      # identical images: 0
+    assert gmsd(torch.from_numpy(b), x).min() > 0
+    # a constant offset leaves every gradient unchanged away from the zero-padded border
+    flat = torch.full((1, 40, 40), 0.3, dtype=torch.float64)
+    assert gmsd(flat + 0.1, flat).item() > 0                                 # the border sees the offset

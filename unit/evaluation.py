@@ -4,7 +4,7 @@ in [-1, 1] inside the model; to_model / from_model are the only places that conv
 import numpy as np
 import torch
 
-from unit.metrics import mae, psnr, ssim
+from unit.metrics import gmsd, mae, ms_ssim, psnr, ssim
 
 
 def to_model(x01, channels, device, non_blocking=False):
@@ -32,9 +32,11 @@ def translate(model, images, src, device, channels, batch_size=16):
 
 
 def scores(pred, real, mask):
-    """Mean SSIM / PSNR / MAE over a stack, whole slice and inside the mask (if any)."""
+    """Mean SSIM / PSNR / MAE over a stack, whole slice and inside the mask (if any), and the two
+    fine-detail metrics (whole slice): MS-SSIM and GMSD (lower is better)."""
     r = {"ssim": ssim(pred, real).mean().item(), "psnr": psnr(pred, real).mean().item(),
-         "mae": mae(pred, real).mean().item()}
+         "mae": mae(pred, real).mean().item(), "ms_ssim": ms_ssim(pred, real).mean().item(),
+         "gmsd": gmsd(pred, real).mean().item()}
     if mask is not None:
         r.update(ssim_mask=ssim(pred, real, mask).nanmean().item(),
                  psnr_mask=psnr(pred, real, mask).nanmean().item(),

@@ -1,4 +1,4 @@
-"""SSIM, PSNR and MAE on batched images in [0, 1], in torch (CPU or GPU).
+"""SSIM, MS-SSIM, GMSD, PSNR and MAE on batched images in [0, 1], in torch (CPU or GPU).
 
 SSIM is Wang et al. 2004 with the usual settings: 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
 K2 = 0.03, data range 1, population (not sample) covariance, averaged over the 'valid' region
@@ -70,6 +70,70 @@ def ssim(x, y, mask=None):
     p = (WIN - 1) // 2
     m = mask[:, p:-p, p:-p].to(s.dtype)
     return ((s * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+
+
+def _ssim_terms(x, y):
+    """(luminance * contrast-structure, contrast-structure) maps over the valid region, (B, h, w) each,
+    float64. x, y: (B, 1, H, W)."""
+    g = _gaussian_window(x.device, x.dtype)
+    mx, my = _blur(x, g), _blur(y, g)
+    vx, vy, cxy = _blur(x * x, g) - mx * mx, _blur(y * y, g) - my * my, _blur(x * y, g) - mx * my
+    c1, c2 = K1 ** 2, K2 ** 2
+    cs = (2 * cxy + c2) / (vx + vy + c2)
+    return ((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs).squeeze(1), cs.squeeze(1)
+
+
+MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)   # Wang, Simoncelli, Bovik 2003, finest first
+
+
+def ms_ssim_scales(h, w):
+    """How many of MS-SSIM's 5 scales an h x w image has: the coarsest must still hold the 11-tap
+    window (5 scales need both sides >= 11 * 16 = 176)."""
+    n = 1
+    while n < len(MS_WEIGHTS) and min(h, w) // 2 ** n >= WIN:
+        n += 1
+    return n
+
+
+def ms_ssim(x, y):
+    """Multi-scale SSIM per image (B,) of x, y (B, H, W) in [0, 1] (Wang, Simoncelli, Bovik 2003):
+    mean contrast-structure at each scale and full SSIM at the coarsest, each raised to the
+    published weight, halving the image between scales (2x2 average). An image too small for five
+    scales (e.g. 96x80: 3) uses the first ms_ssim_scales() weights, renormalised to sum to 1.
+    Negative terms are clipped to 0 before the power (as TensorFlow and pytorch_msssim do)."""
+    x, y = x.unsqueeze(1).double(), y.unsqueeze(1).double()
+    n = ms_ssim_scales(x.shape[-2], x.shape[-1])
+    if min(x.shape[-2:]) < WIN:
+        raise ValueError(f"MS-SSIM needs images of at least {WIN}x{WIN}, got {tuple(x.shape[-2:])}")
+    w = torch.tensor(MS_WEIGHTS[:n], dtype=torch.float64, device=x.device)
+    w = w / w.sum()
+    out = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    for j in range(n):
+        full, cs = _ssim_terms(x, y)
+        term = (full if j == n - 1 else cs).mean(dim=(1, 2)).clamp_min(0)
+        out = out * term ** w[j]
+        if j < n - 1:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return out.float()
+
+
+GMSD_C = 170 / 255 ** 2   # Xue et al. 2014: T = 170 for images in [0, 255]; these are in [0, 1]
+
+
+def gmsd(x, y):
+    """Gradient magnitude similarity deviation per image (B,) of x (distorted), y (reference),
+    (B, H, W) in [0, 1] (Xue, Zhang, Mou, Bovik 2014, as their reference code): 2x2 average and
+    subsampling by 2 (zero beyond an odd edge), Prewitt gradients (3x3, /3, zero padding), the
+    similarity map (2 m_x m_y + c) / (m_x^2 + m_y^2 + c), and its standard deviation (N - 1).
+    0 for identical images; larger is worse."""
+    x, y = x.unsqueeze(1).double(), y.unsqueeze(1).double()
+    pad = (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)              # MATLAB's conv2 'same' + 1:2:end
+    x, y = F.avg_pool2d(F.pad(x, pad), 2), F.avg_pool2d(F.pad(y, pad), 2)
+    px = torch.tensor([[1.0, 0, -1]] * 3, dtype=x.dtype, device=x.device).view(1, 1, 3, 3) / 3
+    grad = lambda v: torch.sqrt(F.conv2d(v, px, padding=1) ** 2 + F.conv2d(v, px.transpose(2, 3), padding=1) ** 2)
+    mx, my = grad(x), grad(y)
+    gms = (2 * mx * my + GMSD_C) / (mx * mx + my * my + GMSD_C)
+    return gms.flatten(1).std(dim=1).float()
 
 
 def _mean_per_item(e, mask):
