@@ -476,8 +476,10 @@ def main(argv=None):
     if world > 1:                                       # torchrun: one process per GPU (or CPU share)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            torch.cuda.set_device(device)               # device_id: NCCL knows this rank's GPU from the start
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
     try:
         if rank == 0:                                   # rank 0 prepares the phantom (first use) ...
             make_writable(cfg["out"])
