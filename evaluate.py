@@ -1,12 +1,17 @@
 """Evaluate a UNIT checkpoint on the test split of its prepared dataset.
 
     python evaluate.py runs/NAME/ckpt.pt [--data DIR] [--json FILE] [--save-images DIR]
+    python evaluate.py runs/*/ckpt_e075.pt [--csv FILE]     # one row per checkpoint, differences with CIs
     python evaluate.py runs/NAME/ckpt.pt --volumes SRC --layout hcp --out DIR   # whole NIfTI volumes
 
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
 "T2" = T1w->T2w scored against the real T2w: SSIM, PSNR (dB) and MAE on [0, 1] images, over the
 whole slice and inside the brain mask, MS-SSIM and GMSD (fine detail; whole slice), plus the
 identity baseline (the input slice itself scored as the output) for scale. Everything the model needs comes from the checkpoint.
+
+With several checkpoints, all are scored on the same test slices, one row each, and every row after
+the first also gets its paired difference to the first per metric, with a 95% percentile bootstrap
+interval resampling test *subjects* (their slices are not independent), 2000 resamples, seed 0.
 
 With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
 slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the
@@ -24,15 +29,18 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import evaluate, translate
+from unit.evaluation import evaluate, paired_bootstrap, translate
 from unit.metrics import mae, psnr, ssim_volume
 
 
+# the table's columns: the poster's SSIM, then PSNR, MAE, masked SSIM and the fine-detail metrics
+COLUMNS = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain"),
+           ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD")]
+
+
 def table(res):
-    """The results as a markdown table (the poster's columns plus PSNR, MAE, masked SSIM, MS-SSIM, GMSD)."""
-    keys = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain"),
-            ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD")]
-    keys = [k for k in keys if k[0] in res["T1"]]
+    """One checkpoint's results as a markdown table: its translation row and the identity row."""
+    keys = [k for k in COLUMNS if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
     fmt = lambda k, x: f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
@@ -112,53 +120,133 @@ def evaluate_volumes(model, cfg, data, args):
     return res
 
 
+def variant(cfg):
+    """A checkpoint's model variant in the poster's words, from its config."""
+    parts = ["baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"]
+    parts += ["+SN"] * cfg["sn"] + ["+CL"] * cfg["charbonnier"] + ["RGB"] * (cfg["channels"] == 3)
+    return " ".join(parts)
+
+
+def compare_table(rows, subjects, n_boot):
+    """Markdown: one row per checkpoint (means), the identity row, then each row after the first as a
+    paired difference to the first with its 95% bootstrap interval over test subjects."""
+    keys = [(k, n) for k, n in COLUMNS if k in rows[0]["res"]["T1"]]
+    fmt = lambda k, x: f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
+    head = "| checkpoint | model | epoch | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
+    out = [head, "|---" * (3 + 2 * len(keys)) + "|"]
+    for r in rows:
+        out.append(f"| {r['ckpt']} | {variant(r['config'])} | {r['epoch']} | " +
+                   " | ".join(f"{fmt(k, r['res']['T1'][k])} | {fmt(k, r['res']['T2'][k])}" for k, _ in keys) + " |")
+    ident = rows[0]["res"]["identity"]
+    out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident[k])} | {fmt(k, ident[k])}"
+                                                              for k, _ in keys) + " |")
+    if len(rows) > 1:
+        out += ["", f"Paired differences to the first row (mean over slices, [95% bootstrap interval] over "
+                    f"{len(set(subjects))} test subjects, {n_boot} resamples by subject, seed 0):", "", head,
+                out[1]]
+        for r in rows[1:]:
+            cells = []
+            for k, _ in keys:
+                for c in ("T1", "T2"):
+                    d, lo, hi = r["diff"][c][k]
+                    cells.append(f"{fmt(k, d)} [{fmt(k, lo)}, {fmt(k, hi)}]")
+            out.append(f"| {r['ckpt']} | {variant(r['config'])} | {r['epoch']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", help="checkpoint written by train.py (runs/NAME/ckpt.pt)")
-    p.add_argument("--data", help="prepared dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("ckpt", nargs="+", help="checkpoint(s) written by train.py (runs/NAME/ckpt.pt); several are "
+                                           "scored on the same test split, one row each")
+    p.add_argument("--data", help="prepared dataset to evaluate on (default: the one the (first) checkpoint was "
+                                  "trained on)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--save-images", metavar="DIR", help="write real/translated PNGs of test slices here")
+    p.add_argument("--csv", help="also write one row per checkpoint (means, and differences to the first) here")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals of the differences")
+    p.add_argument("--save-images", metavar="DIR", help="write real/translated PNGs of test slices here (one "
+                                                        "checkpoint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="evaluate only the first N test slices")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v = p.add_argument_group("whole volumes (NIfTI source trees, see data/README.md)")
-    v.add_argument("--volumes", metavar="SRC", help="translate the test subjects of this source tree")
+    v.add_argument("--volumes", metavar="SRC", help="translate the test subjects of this source tree (one checkpoint)")
     v.add_argument("--layout", help="layout of SRC: hcp, brats, ixi or folders")
     v.add_argument("--hcp-space", default="acpc", choices=("acpc", "mni"), help="for --layout hcp")
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
     args = p.parse_args(argv)
+    if len(args.ckpt) > 1 and (args.volumes or args.save_images):
+        raise UserError("--volumes and --save-images take one checkpoint; run evaluate.py once per checkpoint")
+    if args.bootstrap < 100:
+        raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
 
-    model, ckpt = load_model(args.ckpt, args.device)
-    cfg = ckpt["config"]
-    data_path = args.data or cfg["data"]
-    data = load_prepared(data_path)
-    if args.volumes:
-        res = evaluate_volumes(model, cfg, data, args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"ckpt": args.ckpt, "step": ckpt["step"], "src": args.volumes, **res}, f, indent=2)
-        return res
-    if not data.paired:
-        raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
-                        f"are not co-registered), so translated slices have no pixel-aligned ground truth "
-                        f"and SSIM/PSNR/MAE would be meaningless; evaluate on a paired dataset")
-    if list(data.shape) != list(cfg["size"]):
-        raise UserError(f"{data_path} has slices of {data.shape[0]}x{data.shape[1]} but the checkpoint was "
-                        f"trained on {cfg['size'][0]}x{cfg['size'][1]}; evaluate on data of the training size")
-    print(f"checkpoint {args.ckpt}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
-          f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}")
-    res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
-    print(f"test split of {data_path}: {res['n']} slices of {data.shape[0]}x{data.shape[1]}; "
-          f"T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
-    print(table(res))
+    rows, data, data_path = [], None, None
+    for path in args.ckpt:
+        model, ckpt = load_model(path, args.device)
+        cfg = ckpt["config"]
+        if data is None:
+            data_path = args.data or cfg["data"]
+            data = load_prepared(data_path)
+        if args.volumes:
+            res = evaluate_volumes(model, cfg, data, args)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"ckpt": path, "step": ckpt["step"], "src": args.volumes, **res}, f, indent=2)
+            return res
+        if not data.paired:
+            raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
+                            f"are not co-registered), so translated slices have no pixel-aligned ground truth "
+                            f"and SSIM/PSNR/MAE would be meaningless; evaluate on a paired dataset")
+        if list(data.shape) != list(cfg["size"]):
+            raise UserError(f"{data_path} has slices of {data.shape[0]}x{data.shape[1]} but the checkpoint {path} "
+                            f"was trained on {cfg['size'][0]}x{cfg['size'][1]}; evaluate on data of the training size")
+        print(f"checkpoint {path}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
+              f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}",
+              flush=True)
+        res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
+        rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
+                     "slices": stacks.pop("slices")})
+        del model
+    n = rows[0]["res"]["n"]
+    subjects = list(data.meta["slice_subject"]["test"][:n])
+    for r in rows[1:]:   # paired: the same test slices, each checkpoint's score minus the first's
+        r["diff"] = {c: {k: paired_bootstrap(r["slices"][c][k] - rows[0]["slices"][c][k], subjects, args.bootstrap)
+                         for k in r["slices"][c]} for c in ("T1", "T2")}
+    print(f"test split of {data_path}: {n} slices of {data.shape[0]}x{data.shape[1]} from {len(set(subjects))} "
+          f"subjects; T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
+    print(table(rows[0]["res"]) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap))
     if args.json:
+        plain = lambda r: {k: v for k, v in r.items() if k != "slices"}
         with open(args.json, "w") as f:
-            json.dump({"ckpt": args.ckpt, "epoch": ckpt["epoch"], "step": ckpt["step"], "data": data_path,
-                       "config": cfg, **res}, f, indent=2)
+            if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
+                r = rows[0]
+                json.dump({"ckpt": r["ckpt"], "epoch": r["epoch"], "step": r["step"], "data": data_path,
+                           "config": r["config"], **r["res"]}, f, indent=2)
+            else:
+                json.dump({"data": data_path, "subjects": len(set(subjects)), "bootstrap": args.bootstrap,
+                           "checkpoints": [plain(r) for r in rows]}, f, indent=2)
+    if args.csv:
+        write_csv(args.csv, rows)
     if args.save_images:
         save_images(args.save_images, **stacks)
         print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1)")
-    return res
+    return rows[0]["res"] if len(rows) == 1 else rows
+
+
+def write_csv(path, rows):
+    """One line per checkpoint: variant, epoch, every mean, and for rows after the first the paired
+    difference to the first with its interval (columns d_<metric>_<T1|T2>, _lo, _hi)."""
+    import csv
+    keys = [k for k, _ in COLUMNS if k in rows[0]["res"]["T1"]]
+    head = ["ckpt", "model", "epoch"] + [f"{k}_{c}" for k in keys for c in ("T1", "T2")] + \
+        [f"d_{k}_{c}{e}" for k in keys for c in ("T1", "T2") for e in ("", "_lo", "_hi")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for r in rows:
+            means = [r["res"][c][k] for k in keys for c in ("T1", "T2")]
+            diffs = [x for k in keys for c in ("T1", "T2") for x in r["diff"][c][k]] if "diff" in r else \
+                [""] * (6 * len(keys))
+            w.writerow([r["ckpt"], variant(r["config"]), r["epoch"]] + means + diffs)
 
 
 if __name__ == "__main__":

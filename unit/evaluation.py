@@ -31,23 +31,42 @@ def translate(model, images, src, device, channels, batch_size=16):
     return torch.cat(out)
 
 
-def scores(pred, real, mask):
-    """Mean SSIM / PSNR / MAE over a stack, whole slice and inside the mask (if any), and the two
-    fine-detail metrics (whole slice): MS-SSIM and GMSD (lower is better)."""
-    r = {"ssim": ssim(pred, real).mean().item(), "psnr": psnr(pred, real).mean().item(),
-         "mae": mae(pred, real).mean().item(), "ms_ssim": ms_ssim(pred, real).mean().item(),
-         "gmsd": gmsd(pred, real).mean().item()}
+def per_slice(pred, real, mask):
+    """Every metric per slice, {name: (n,) float64 array}: SSIM / PSNR / MAE over the whole slice and
+    inside the mask (if any; NaN where a slice's mask is empty), MS-SSIM and GMSD (whole slice,
+    lower GMSD is better)."""
+    r = {"ssim": ssim(pred, real), "psnr": psnr(pred, real), "mae": mae(pred, real),
+         "ms_ssim": ms_ssim(pred, real), "gmsd": gmsd(pred, real)}
     if mask is not None:
-        r.update(ssim_mask=ssim(pred, real, mask).nanmean().item(),
-                 psnr_mask=psnr(pred, real, mask).nanmean().item(),
-                 mae_mask=mae(pred, real, mask).nanmean().item())
-    return r
+        r.update(ssim_mask=ssim(pred, real, mask), psnr_mask=psnr(pred, real, mask), mae_mask=mae(pred, real, mask))
+    return {k: v.double().cpu().numpy() for k, v in r.items()}
+
+
+def scores(pred, real, mask):
+    """Mean of every metric of per_slice() over a stack (masked ones over the slices that have a mask)."""
+    return {k: float(np.nanmean(v) if k.endswith("_mask") else np.mean(v)) for k, v in per_slice(pred, real, mask).items()}
+
+
+def paired_bootstrap(diff, subjects, n_boot=2000, seed=0, level=0.95):
+    """(mean, low, high): the mean over slices of a paired per-slice difference and its percentile
+    bootstrap interval, resampling *subjects* with replacement (their slices are not independent),
+    each resample's statistic the mean over all slices of the drawn subjects. NaN slices are left
+    out. diff: (n,) array; subjects: n subject ids."""
+    diff, subjects = np.asarray(diff, dtype=np.float64), np.asarray(subjects)
+    keep = ~np.isnan(diff)
+    ids, inv = np.unique(subjects[keep], return_inverse=True)
+    sums = np.bincount(inv, weights=diff[keep], minlength=len(ids))   # per subject: sum and count of slices
+    counts = np.bincount(inv, minlength=len(ids)).astype(np.float64)
+    draw = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    stats = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(diff[keep].mean()), float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
 
 def evaluate(model, data, device, channels, batch_size=16, limit=None):
     """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline, in float32
     (no autocast: the number a paper reports). Returns (results dict, stacks): stacks holds t1, t2
-    (real) and fake_t1, fake_t2, (n, H, W) on CPU."""
+    (real) and fake_t1, fake_t2, (n, H, W) on CPU, and "slices": per_slice() of T1 and T2."""
     n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
     t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
     t2 = torch.from_numpy(np.asarray(data.test_t2[:n], dtype=np.float32))
@@ -57,6 +76,7 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
     fake_t2 = translate(model, t1, "a", device, channels, batch_size)
     fake_t1 = translate(model, t2, "b", device, channels, batch_size)
     model.train(was_training)
+    slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
     res = {"n": n, "T1": scores(fake_t1, t1, mask), "T2": scores(fake_t2, t2, mask),
            "identity": scores(t2, t1, mask)}  # symmetric metrics: one row serves both columns
-    return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2}
+    return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices}
