@@ -42,9 +42,9 @@ def per_slice(pred, real, mask):
     return {k: v.double().cpu().numpy() for k, v in r.items()}
 
 
-def scores(pred, real, mask):
-    """Mean of every metric of per_slice() over a stack (masked ones over the slices that have a mask)."""
-    return {k: float(np.nanmean(v) if k.endswith("_mask") else np.mean(v)) for k, v in per_slice(pred, real, mask).items()}
+def means(slices):
+    """Mean of every metric of a per_slice() dict (masked ones over the slices that have a mask)."""
+    return {k: float(np.nanmean(v) if k.endswith("_mask") else np.mean(v)) for k, v in slices.items()}
 
 
 def paired_bootstrap(diff, subjects, n_boot=2000, seed=0, level=0.95):
@@ -77,6 +77,6 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
     fake_t1 = translate(model, t2, "b", device, channels, batch_size)
     model.train(was_training)
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
-    res = {"n": n, "T1": scores(fake_t1, t1, mask), "T2": scores(fake_t2, t2, mask),
-           "identity": scores(t2, t1, mask)}  # symmetric metrics: one row serves both columns
+    res = {"n": n, "T1": means(slices["T1"]), "T2": means(slices["T2"]),
+           "identity": means(per_slice(t2, t1, mask))}  # symmetric metrics: one row serves both columns
     return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices}
