@@ -62,7 +62,9 @@ def evaluate_volumes(model, cfg, data, args):
     """Translate whole test volumes of a NIfTI tree; write NIfTIs; 3-D scores per subject."""
     import nibabel as nib
 
-    from unit.data import LAYOUT_MASK_RULE, DataError, find_subjects, prepare_subject, slices_to_nifti
+    from unit.data import DataError
+    from unit.geometry import slices_to_nifti
+    from unit.nifti import LAYOUT_MASK_RULE, find_subjects, prepare_subject
     if not args.layout or not args.out:
         raise UserError("--volumes needs --layout (hcp, brats, ixi, folders) and --out DIR for the NIfTI files")
     if args.layout not in LAYOUT_MASK_RULE:

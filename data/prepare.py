@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """
-Turn a dataset into a *prepared dataset* (see unit/data.py, data/README.md):
+Turn a dataset into a *prepared dataset* (see unit/data.py, data/README.md; NIfTI sources: unit/nifti.py):
 
     python data/prepare.py phantom --out data/phantom                 # built-in synthetic data
     python data/prepare.py hcp  /path/to/HCP  --out data/hcp --n-test 213
@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
-from unit.data import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, DataError, PreparedWriter,  # noqa: E402
-                       find_subjects, folder_mb, prepare_phantom, prepare_subject)
+from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
+from unit.nifti import EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, find_subjects, prepare_subject  # noqa: E402
 from unit.progress import Progress  # noqa: E402
 
 ORIENTATION = ("volumes reoriented to canonical RAS+ (nibabel); axial slices; image rows run "

@@ -1,5 +1,5 @@
 """
-data/prepare.py and unit/data.py: small NIfTI / PNG trees for every layout, built here with
+data/prepare.py, unit/data.py, unit/nifti.py and unit/geometry.py: small NIfTI / PNG trees for every layout, built here with
 nibabel, run through the real CLI entry point, and checked exactly against expectations computed
 independently from the canonical arrays the trees were made from (orientation, crop/pad,
 normalisation, split, meta.json), plus every kind of bad input the issue lists.
@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from unit import data as D  # noqa: E402
+from unit import geometry as G  # noqa: E402
+from unit import nifti as N  # noqa: E402
+from unit.progress import Progress  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "data" / "prepare.py")
 prepare = importlib.util.module_from_spec(_spec)
@@ -313,7 +316,7 @@ def test_folders_nifti_matched_by_name(tmp_path):
         g = p.meta["volumes"][sid]
         ids = p.meta["slice_subject"][g["split"]]
         img = np.asarray(getattr(p, f"{g['split']}_t1")[ids.index(sid)], np.float32)
-        vol = D.slices_to_volume(img[None], g)
+        vol = G.slices_to_volume(img[None], g)
         src_arr = np.asarray(nib.load(str(src / g["t1"])).dataobj)
         assert vol.shape == src_arr.shape
         assert vol[np.unravel_index(np.argmax(src_arr), src_arr.shape)] == 1.0
@@ -536,18 +539,18 @@ def test_sigterm_of_the_script_leaves_nothing_and_errors_have_no_traceback(tmp_p
 
 
 # ----------------------------------------------------------------------------------------
-# unit/data.py pieces
+# unit/data.py, unit/nifti.py, unit/geometry.py pieces
 
 
 def test_load_nifti_each_bad_file(tmp_path):
     t1, _, _ = canon_pair()
     ok = write_nii(tmp_path / "ok.nii.gz", t1, HCP_AFFINE)
-    d, a, h = D.load_nifti(ok)
+    d, a, h = N.load_nifti(ok)
     np.testing.assert_array_equal(d, t1)
     np.testing.assert_allclose(a, HCP_AFFINE, atol=1e-5)
     # a singleton 4th dimension is fine (many tools write (X, Y, Z, 1))
     one = write_nii(tmp_path / "one.nii.gz", t1[..., None], HCP_AFFINE)
-    assert D.load_nifti(one)[0].shape == SHAPE
+    assert N.load_nifti(one)[0].shape == SHAPE
     cases = {
         "missing.nii.gz": "is missing",
         "garbage.nii.gz": "is not a readable NIfTI file",
@@ -568,7 +571,7 @@ def test_load_nifti_each_bad_file(tmp_path):
     write_nii(tmp_path / "zero.nii", np.zeros(SHAPE), HCP_AFFINE)
     for name, words in cases.items():
         with pytest.raises(D.DataError) as e:
-            D.load_nifti(tmp_path / name)
+            N.load_nifti(tmp_path / name)
         msg = str(e.value)
         assert str(tmp_path / name) in msg and words in msg and msg.endswith("."), msg
 
@@ -580,37 +583,37 @@ def test_resample_matches_scipy_trilinear_and_nearest():
     a_src = np.array([[0, -1.3, 0, 10], [0.9, 0, 0, -4], [0, 0.2, 1.7, 2], [0, 0, 0, 1]])
     a_tgt = np.array([[0.8, 0.1, 0, -3], [0, 1.1, 0, -6], [0.05, 0, 0.9, -1], [0, 0, 0, 1]])
     shape = (12, 10, 9)
-    got = D.resample_to_grid(src, a_src, shape, a_tgt, order=1)
+    got = G.resample_to_grid(src, a_src, shape, a_tgt, order=1)
     ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1).reshape(-1, 3).T
     M = np.linalg.inv(a_src) @ a_tgt
     pts = M[:3, :3] @ ijk + M[:3, 3:]
     ref = map_coordinates(src.astype(np.float64), pts, order=1, mode="grid-constant", cval=0.0)
     np.testing.assert_allclose(got.ravel(), ref, atol=1e-5)
     assert 0.05 < (ref == 0).mean() < 0.95          # the test covers inside and outside points
-    near = D.resample_to_grid(src, a_src, shape, a_tgt, order=0)
+    near = G.resample_to_grid(src, a_src, shape, a_tgt, order=0)
     frac = np.abs(pts - np.round(pts))
     ok = (np.abs(frac - 0.5) > 1e-3).all(0)         # away from rounding ties
     refn = map_coordinates(src.astype(np.float64), pts, order=0, mode="grid-constant", cval=0.0)
     np.testing.assert_array_equal(near.ravel()[ok], refn[ok].astype(np.float32))
     # identity grid: exact copy
-    np.testing.assert_array_equal(D.resample_to_grid(src, a_src, src.shape, a_src), src)
+    np.testing.assert_array_equal(G.resample_to_grid(src, a_src, src.shape, a_src), src)
 
 
 def test_canonical_roundtrip_and_normalize():
     t1, _, box = canon_pair()
     for perm, flips in [((0, 1, 2), (0,)), ((1, 2, 0), (0, 1)), ((2, 0, 1), (1, 2)), ((1, 0, 2), ())]:
         src, aff = store(t1, HCP_AFFINE, perm, flips)
-        c, ac, _ = D.to_canonical(src, aff)
+        c, ac, _ = G.to_canonical(src, aff)
         np.testing.assert_array_equal(c, t1)
         np.testing.assert_allclose(ac, HCP_AFFINE, atol=1e-12)
-        np.testing.assert_array_equal(D.from_canonical(c, aff), src)
-    v01, (lo, hi) = D.normalize_volume(t1, box, (2.0, 98.0))
+        np.testing.assert_array_equal(G.from_canonical(c, aff), src)
+    v01, (lo, hi) = N.normalize_volume(t1, box, (2.0, 98.0))
     vals = t1[box].astype(np.float64)
     np.testing.assert_allclose((lo, hi), np.percentile(vals, [2, 98]), rtol=1e-6)
     np.testing.assert_allclose(v01, np.clip((t1 - lo) / (hi - lo), 0, 1), atol=1e-6)
     assert v01.min() == 0 and v01.max() == 1
     with pytest.raises(D.DataError, match="constant"):
-        D.normalize_volume(np.ones(SHAPE, np.float32), box, what="T1 x.nii.gz")
+        N.normalize_volume(np.ones(SHAPE, np.float32), box, what="T1 x.nii.gz")
 
 
 def test_slices_to_volume_inverts_the_preparation(tmp_path):
@@ -620,14 +623,14 @@ def test_slices_to_volume_inverts_the_preparation(tmp_path):
     s2, _ = store(t2, HCP_AFFINE, perm, flips)
     p1 = write_nii(tmp_path / "t1" / "a.nii.gz", s1, a1)
     p2 = write_nii(tmp_path / "t2" / "a.nii.gz", s2, a1)
-    r = D.prepare_subject(D.Subject("a", str(p1), str(p2)), size=(20, 16), slices=3,
+    r = N.prepare_subject(N.Subject("a", str(p1), str(p2)), size=(20, 16), slices=3,
                           mask_rule="nonzero")
-    g = D.SliceGeometry.from_json(json.loads(json.dumps(r.geometry.to_json())))
-    back = D.slices_to_volume(r.t2.astype(np.float16), g, r.t2_range, fill=-1.0)
+    g = G.SliceGeometry.from_json(json.loads(json.dumps(r.geometry.to_json())))
+    back = G.slices_to_volume(r.t2.astype(np.float16), g, r.t2_range, fill=-1.0)
     assert back.shape == s2.shape
     # the prepared voxels (selected slices, inside the window, not clipped) come back to their
     # own source voxels; everything else is `fill`
-    canon_back = D.to_canonical(back, a1)[0]
+    canon_back = G.to_canonical(back, a1)[0]
     sel = np.zeros(SHAPE, bool)
     Y = SHAPE[1]
     r0, c0 = g.window
@@ -640,7 +643,7 @@ def test_slices_to_volume_inverts_the_preparation(tmp_path):
     unclipped = sel & (t2 > lo) & (t2 < hi)
     assert unclipped.sum() > 100
     np.testing.assert_allclose(canon_back[unclipped], t2[unclipped], atol=(hi - lo) * 6e-4)
-    img = D.slices_to_nifti(r.t2.astype(np.float16), g, r.t2_range, header=nib.load(str(p2)).header, fill=-1.0)
+    img = G.slices_to_nifti(r.t2.astype(np.float16), g, r.t2_range, header=nib.load(str(p2)).header, fill=-1.0)
     np.testing.assert_allclose(img.affine, a1)
     nib.save(img, str(tmp_path / "back.nii.gz"))
     np.testing.assert_allclose(nib.load(str(tmp_path / "back.nii.gz")).get_fdata(), back, atol=1e-4)
@@ -724,7 +727,7 @@ def test_load_prepared_errors_name_the_file(tmp_path):
 def test_progress_bar_and_summary_text():
     import io
     s = io.StringIO()
-    bar = D.Progress(20, "subjects", stream=s)
+    bar = Progress(20, "subjects", stream=s)
     for _ in range(20):
         bar.update()
     bar.close()
@@ -739,7 +742,7 @@ def test_padding_stays_zero_for_negative_intensities(tmp_path):
     t1 = np.where(box, t1 - 150.0, 0).astype(np.float32)      # brain values partly negative
     p1 = write_nii(tmp_path / "t1.nii.gz", t1, HCP_AFFINE)
     p2 = write_nii(tmp_path / "t2.nii.gz", t2, HCP_AFFINE)
-    r = D.prepare_subject(D.Subject("a", str(p1), str(p2)), size=SIZE, slices=1, mask_rule="nonzero")
+    r = N.prepare_subject(N.Subject("a", str(p1), str(p2)), size=SIZE, slices=1, mask_rule="nonzero")
     lo, hi = r.t1_range
     assert lo < 0 < hi
     c0 = window(BOX, SIZE, SHAPE[1])[1]
