@@ -7,7 +7,9 @@
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
 "T2" = T1w->T2w scored against the real T2w: SSIM, PSNR (dB) and MAE on [0, 1] images, over the
 whole slice and inside the brain mask, MS-SSIM and GMSD (fine detail; whole slice), plus the
-identity baseline (the input slice itself scored as the output) for scale. Everything the model needs comes from the checkpoint.
+identity baseline (the input slice itself scored as the output) for scale, and on the phantom the
+oracle row (its noiseless targets scored against the noisy ones: the ceiling of this data) with each
+model's SSIM as a fraction of it. Everything the model needs comes from the checkpoint.
 
 With several checkpoints, all are scored on the same test slices, one row each, and every row after
 the first also gets its paired difference to the first per metric, with a 95% percentile bootstrap
@@ -38,14 +40,36 @@ COLUMNS = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", 
            ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD")]
 
 
+# similarity scores with 1 = perfect, for which "a model's score / the oracle's" means something
+OF_ORACLE = [("ssim", "SSIM"), ("ssim_mask", "SSIM brain"), ("ms_ssim", "MS-SSIM")]
+ORACLE_ROW = "oracle (noiseless target)"
+ORACLE_NOTE = ("oracle: the phantom's noiseless test targets scored against the noisy ones (same normalisation): "
+               "the best a translator can expect here, as no model can predict the targets' Rician noise")
+
+
+def fmt(k, x):
+    return f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
+
+
+def of_oracle(res):
+    """'SSIM T1 0.83, T2 0.79, ...': a result's similarity scores as fractions of the oracle's."""
+    return ", ".join(f"{n} T1 {res['T1'][k] / res['oracle']['T1'][k]:.2f} T2 {res['T2'][k] / res['oracle']['T2'][k]:.2f}"
+                     for k, n in OF_ORACLE if k in res["T1"])
+
+
 def table(res):
-    """One checkpoint's results as a markdown table: its translation row and the identity row."""
+    """One checkpoint's results as a markdown table: its translation row, the identity row and, on the
+    phantom, the oracle row, then the translation as a fraction of the oracle."""
     keys = [k for k in COLUMNS if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
-    fmt = lambda k, x: f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
-    for row, (a, b) in (("translation", ("T1", "T2")), ("identity (input as output)", ("identity", "identity"))):
-        lines.append(f"| {row} | " + " | ".join(f"{fmt(k, res[a][k])} | {fmt(k, res[b][k])}" for k, _ in keys) + " |")
+    rows = [("translation", res["T1"], res["T2"]), ("identity (input as output)", res["identity"], res["identity"])]
+    if "oracle" in res:
+        rows.append((ORACLE_ROW, res["oracle"]["T1"], res["oracle"]["T2"]))
+    for name, a, b in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{fmt(k, a[k])} | {fmt(k, b[k])}" for k, _ in keys) + " |")
+    if "oracle" in res:
+        lines += ["", ORACLE_NOTE + ".", f"translation / oracle: {of_oracle(res)}"]
     return "\n".join(lines)
 
 
@@ -133,7 +157,6 @@ def compare_table(rows, subjects, n_boot):
     """Markdown: one row per checkpoint (means), the identity row, then each row after the first as a
     paired difference to the first with its 95% bootstrap interval over test subjects."""
     keys = [(k, n) for k, n in COLUMNS if k in rows[0]["res"]["T1"]]
-    fmt = lambda k, x: f"{x:.2f}" if k.startswith("psnr") else f"{x:.4f}"
     head = "| checkpoint | model | epoch | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     out = [head, "|---" * (3 + 2 * len(keys)) + "|"]
     for r in rows:
@@ -142,6 +165,12 @@ def compare_table(rows, subjects, n_boot):
     ident = rows[0]["res"]["identity"]
     out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident[k])} | {fmt(k, ident[k])}"
                                                               for k, _ in keys) + " |")
+    oracle = rows[0]["res"].get("oracle")
+    if oracle:
+        out.append(f"| {ORACLE_ROW} | | | " + " | ".join(f"{fmt(k, oracle['T1'][k])} | {fmt(k, oracle['T2'][k])}"
+                                                         for k, _ in keys) + " |")
+        out += ["", ORACLE_NOTE + "; each checkpoint as a fraction of it:", ""]
+        out += [f"- {r['ckpt']}: {of_oracle(r['res'])}" for r in rows]
     if len(rows) > 1:
         out += ["", f"Paired differences to the first row (mean over slices, [95% bootstrap interval] over "
                     f"{len(set(subjects))} test subjects, {n_boot} resamples by subject, seed 0):", "", head,
@@ -215,6 +244,9 @@ def main(argv=None):
                          for k in r["slices"][c]} for c in ("T1", "T2")}
     print(f"test split of {data_path}: {n} slices of {data.shape[0]}x{data.shape[1]} from {len(set(subjects))} "
           f"subjects; T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
+    if data.meta["source"] == "phantom" and "oracle" not in rows[0]["res"]:
+        print(f"note: {data_path} was prepared before the phantom stored its noiseless test targets, so there is "
+              f"no oracle row; prepare it again (data/prepare.py phantom ... --overwrite) to see it")
     print(table(rows[0]["res"]) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap))
     if args.json:
         plain = lambda r: {k: v for k, v in r.items() if k != "slices"}

@@ -1,5 +1,5 @@
-"""The paired bootstrap over test subjects against cases with known answers, and evaluate.py with
-several checkpoints."""
+"""The paired bootstrap over test subjects against cases with known answers, evaluate.py with
+several checkpoints, and the phantom's oracle row against an independent recomputation."""
 import csv
 import json
 import os
@@ -9,8 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from unit.data import prepare_phantom
-from unit.evaluation import paired_bootstrap
+from skimage.metrics import structural_similarity
+
+from unit.data import load_prepared, prepare_phantom
+from unit.evaluation import evaluate, paired_bootstrap
+from unit.model import UNIT
+from unit.phantom import phantom_subject, subject_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +63,10 @@ def test_evaluate_several_checkpoints(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "Paired differences to the first row" in r.stdout and "3 test subjects" in r.stdout
+    assert "| oracle (noiseless target) |" in r.stdout
     res = json.load(open(tmp_path / "t.json"))["checkpoints"]
+    o = res[1]["res"]
+    assert f"- {last}: SSIM T1 {o['T1']['ssim'] / o['oracle']['T1']['ssim']:.2f} T2" in r.stdout
     assert [c["epoch"] for c in res] == [1, 2, 1]
     assert all(v == [0.0, 0.0, 0.0] for c in ("T1", "T2") for v in res[2]["diff"][c].values())   # itself: 0
     d, lo, hi = res[1]["diff"]["T1"]["ssim"]
@@ -67,3 +74,32 @@ def test_evaluate_several_checkpoints(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert len(rows) == 3 and rows[0]["d_ssim_T1"] == "" and float(rows[1]["ssim_T1"]) == pytest.approx(
         res[1]["res"]["T1"]["ssim"])
+
+
+def test_oracle_row_equals_an_independent_recomputation(tmp_path):
+    """The oracle row (noiseless test targets scored against the noisy ones) against the phantom's subjects
+    generated afresh, rounded to float16 as stored, and scored with scikit-image's SSIM (whole slice, and
+    its SSIM map averaged inside the brain) and PSNR written out in float64."""
+    data = str(tmp_path / "phantom")
+    n_train, n_test = 2, 8
+    prepare_phantom(data, n_train=n_train, n_test=n_test, slices=1, size=(64, 64), seed=3, progress=False)
+    model = UNIT(width=4)
+    res, _ = evaluate(model, load_prepared(data), "cpu", 1)
+    ref = {c: {"ssim": [], "ssim_mask": [], "psnr": []} for c in ("T1", "T2")}
+    for i in range(n_train, n_train + n_test):
+        s = phantom_subject(subject_seed(3, i), (64, 64))
+        m = s["mask"][0]
+        for c, q in (("T1", "t1"), ("T2", "t2")):
+            clean, noisy = (s[k][0].astype(np.float16).astype(np.float64) for k in (f"{q}_clean", q))
+            whole, smap = structural_similarity(clean, noisy, gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False, data_range=1, full=True)
+            ref[c]["ssim"].append(whole)
+            ref[c]["ssim_mask"].append(smap[m].mean())
+            ref[c]["psnr"].append(10 * np.log10(1 / np.mean((clean - noisy) ** 2)))
+    for c in ("T1", "T2"):
+        for k, v in ref[c].items():
+            assert res["oracle"][c][k] == pytest.approx(np.mean(v), abs=1e-4), (c, k)
+        # a ceiling, not perfection: the noise keeps it below 1 (the issue's 0.70 / 0.66 at 96x80 over 100
+        # subjects), far above the identity; and the brain alone is cleaner than the mostly dark slice
+        assert res["identity"]["ssim"] < res["oracle"][c]["ssim"] < 0.95 < 1
+        assert res["oracle"][c]["ssim_mask"] > res["oracle"][c]["ssim"]

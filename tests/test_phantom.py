@@ -62,11 +62,12 @@ def test_image_contrast_ordering_measured(subjects):
 
 def test_shapes_dtypes_range_nondefault_size():
     d = P.phantom_subject(3, size=(64, 48), slices=3)
-    assert set(d) == {"t1", "t2", "mask", "labels"}
-    for q in ("t1", "t2"):
+    assert set(d) == {"t1", "t2", "mask", "labels", "t1_clean", "t2_clean"}
+    for q in ("t1", "t2", "t1_clean", "t2_clean"):
         assert d[q].shape == (3, 64, 48) and d[q].dtype == np.float32
         assert d[q].min() >= 0.0 and d[q].max() <= 1.0
         assert np.isfinite(d[q]).all()
+    for q in ("t1", "t2"):
         assert d[q].max() == 1.0                 # normalised: the brightest pixels clip at 1
     assert d["mask"].dtype == np.bool_ and d["labels"].dtype == np.uint8
     assert d["labels"].max() < len(P.TISSUES)
@@ -173,3 +174,20 @@ def test_bias_field_smooth_and_nontrivial():
         # smooth: second differences between neighbouring pixels are ~1e-5 of the field
         lap = np.abs(b[2:, 1:-1] + b[:-2, 1:-1] + b[1:-1, 2:] + b[1:-1, :-2] - 4 * b[1:-1, 1:-1])
         assert lap.max() < 1e-3
+
+
+def test_clean_targets_are_the_images_without_their_rician_noise():
+    """The noiseless targets (evaluate.py's oracle) on the noisy images' scale: where the clean image is 0
+    (air) the noisy one is Rayleigh distributed (mean / std = sqrt(pi/2) / sqrt(2 - pi/2) = 1.913), and
+    where it is bright (signal >> noise) noisy - clean is Gaussian with mean ~0 and the same sigma."""
+    d = P.phantom_subject(11, size=(160, 128), slices=2)
+    for q in ("t1", "t2"):
+        noisy, clean = d[q].astype(np.float64), d[f"{q}_clean"].astype(np.float64)
+        air = noisy[clean == 0]
+        assert air.size > 5000
+        assert air.mean() / air.std() == pytest.approx(np.sqrt(np.pi / 2) / np.sqrt(2 - np.pi / 2), rel=0.05)
+        sigma = air.mean() / np.sqrt(np.pi / 2)            # the Rayleigh scale = the Gaussian sigma per channel
+        bright = (clean > 20 * sigma) & (noisy < 1) & (clean < 1)   # away from the clipping at 1
+        r = (noisy - clean)[bright]
+        assert r.size > 2000
+        assert r.std() == pytest.approx(sigma, rel=0.1) and abs(r.mean()) < 0.1 * sigma

@@ -722,6 +722,13 @@ def test_load_prepared_errors_name_the_file(tmp_path):
     m["n_train"] = 5
     (d / "meta.json").write_text(json.dumps(m))
     assert "has 4 slices but meta.json says n_train = 5" in err(d)
+    d = fresh("i")                                  # noiseless targets: both or neither, one per test slice
+    np.save(d / "test_t1_clean.npy", a[2].astype(np.float16))
+    assert "has only one of test_t1_clean.npy and test_t2_clean.npy" in err(d)
+    np.save(d / "test_t2_clean.npy", a[3][:1].astype(np.float16))
+    assert f"{d / 'test_t2_clean.npy'} has 1 slices but test_t1.npy has 2" in err(d)
+    np.save(d / "test_t2_clean.npy", a[3].astype(np.float16))
+    np.testing.assert_array_equal(D.load_prepared(d).test_t2_clean, a[3].astype(np.float16))
 
 
 def test_progress_bar_and_summary_text():

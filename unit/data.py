@@ -5,11 +5,18 @@ A *prepared dataset* is a folder written by data/prepare.py:
 
     train_t1.npy  train_t2.npy  test_t1.npy  test_t2.npy   (N, H, W) float16, values in [0, 1]
     train_mask.npy  test_mask.npy                          (N, H, W) uint8, optional
+    test_t1_clean.npy  test_t2_clean.npy                   (N, H, W) float16, optional: noiseless
+                                                           test targets (the phantom), see below
     meta.json                                              what it is, where every slice came from
 
 Domain A = T1, domain B = T2. When meta["paired"] is true, slice i of *_t1 and slice i of *_t2
 are the same anatomy. Splits are by subject; meta["slice_subject"][split][i] names the subject
 of slice i.
+
+The phantom's targets carry Rician noise, so no translator can reach SSIM 1 on them. Its prepared
+datasets also store the *noiseless* test images on the same intensity scale (meta["clean"]);
+evaluate.py scores them against the noisy targets as an "oracle" row: the best a translator could
+do on this data, beside each model's score.
 
 Writing streams: one subject in memory at a time, output arrays appended to disk in a temporary
 folder that is renamed at the end. NIfTI source trees are read by unit/nifti.py; where a slice
@@ -33,6 +40,7 @@ from unit.progress import Progress
 
 FILES = ("train_t1.npy", "train_t2.npy", "test_t1.npy", "test_t2.npy", "meta.json")
 MASK_FILES = ("train_mask.npy", "test_mask.npy")
+CLEAN_FILES = ("test_t1_clean.npy", "test_t2_clean.npy")
 META_KEYS = ("source", "layout", "paired", "shape", "n_train", "n_test", "train_subjects",
              "test_subjects", "slice_subject", "normalization", "seed", "created_by", "version")
 VERSION = 1
@@ -63,6 +71,8 @@ class Prepared:
     test_t2: np.ndarray
     train_mask: np.ndarray | None = None   # (N, H, W) uint8/bool, or None
     test_mask: np.ndarray | None = None
+    test_t1_clean: np.ndarray | None = None   # (N_test, H, W) float16 noiseless targets, or None
+    test_t2_clean: np.ndarray | None = None
 
     @property
     def paired(self) -> bool:
@@ -122,6 +132,9 @@ def load_prepared(path) -> Prepared:
     masks = {}
     for n in MASK_FILES:
         masks[n[:-4]] = load(n, "ub") if (p / n).is_file() else None
+    clean = {n[:-4]: load(n, "f") if (p / n).is_file() else None for n in CLEAN_FILES}
+    if (clean["test_t1_clean"] is None) != (clean["test_t2_clean"] is None):
+        raise DataError(f"{p} has only one of {' and '.join(CLEAN_FILES)}; {redo}.")
     for split in ("train", "test"):
         t1, t2 = arrays[f"{split}_t1"], arrays[f"{split}_t2"]
         n = meta[f"n_{split}"]
@@ -143,7 +156,11 @@ def load_prepared(path) -> Prepared:
         if m is not None and m.shape[0] != t1.shape[0]:
             raise DataError(f"{p / f'{split}_mask.npy'} has {m.shape[0]} slices but {split}_t1.npy has "
                             f"{t1.shape[0]}; {redo}.")
-    return Prepared(str(p), meta, **arrays, **masks)
+    for n, c in clean.items():
+        if c is not None and c.shape[0] != arrays["test_t1"].shape[0]:
+            raise DataError(f"{p / (n + '.npy')} has {c.shape[0]} slices but test_t1.npy has "
+                            f"{arrays['test_t1'].shape[0]}; {redo}.")
+    return Prepared(str(p), meta, **arrays, **masks, **clean)
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,12 +236,16 @@ class PreparedWriter:
     without finish()) the temporary folder is removed, so an interrupted run leaves nothing.
     An existing `out` is refused unless overwrite=True, and even then only if it looks like a
     prepared dataset (has meta.json) or is empty. paired=False allows different slice counts
-    for T1 and T2 (e.g. unpaired PNG folders); add(t1=...) and add(t2=...) separately then."""
+    for T1 and T2 (e.g. unpaired PNG folders); add(t1=...) and add(t2=...) separately then.
+    clean=True also stores noiseless test targets: add("test", ..., clean=(t1_clean, t2_clean))."""
 
-    def __init__(self, out, shape, paired=True, masks=False, overwrite=False):
+    def __init__(self, out, shape, paired=True, masks=False, overwrite=False, clean=False):
         self.out = Path(out)
         self.shape = tuple(int(v) for v in shape)
         self.paired, self.masks, self.overwrite = bool(paired), bool(masks), bool(overwrite)
+        self.clean = bool(clean)
+        if self.clean and not self.paired:
+            raise ValueError("PreparedWriter: noiseless targets (clean=True) need a paired dataset")
         _check_out(self.out, overwrite)
         parent = self.out.parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +258,8 @@ class PreparedWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         self.finished = False
-        names = [n[:-4] for n in FILES[:4]] + ([n[:-4] for n in MASK_FILES] if self.masks else [])
+        names = [n[:-4] for n in FILES[:4] + (MASK_FILES if self.masks else ()) +
+                 (CLEAN_FILES if self.clean else ())]
         self.files = {}
         try:
             for n in names:
@@ -269,8 +291,9 @@ class PreparedWriter:
                 raise ValueError(f"PreparedWriter: {name} has values in [{lo}, {hi}], expected [0, 1]")
         return a
 
-    def add(self, split, subject, t1=None, t2=None, mask=None):
-        """Append the slices of one subject (S, H, W) (or one slice (H, W)) to `split`."""
+    def add(self, split, subject, t1=None, t2=None, mask=None, clean=None):
+        """Append the slices of one subject (S, H, W) (or one slice (H, W)) to `split`; clean =
+        (t1, t2) noiseless targets, for the test split of a writer with clean=True."""
         if split not in ("train", "test"):
             raise ValueError(f"PreparedWriter.add: split must be 'train' or 'test', got {split!r}")
         if self.paired and (t1 is None or t2 is None):
@@ -279,12 +302,17 @@ class PreparedWriter:
             raise ValueError("PreparedWriter.add: this writer stores masks; pass mask with t1")
         if not self.masks and mask is not None:
             raise ValueError("PreparedWriter.add: created with masks=False but a mask was given")
+        if (clean is not None) != (self.clean and split == "test"):
+            raise ValueError("PreparedWriter.add: noiseless targets go with every test subject of a writer "
+                             "created with clean=True, and nowhere else")
         if t1 is not None:
             t1 = self._check("t1", t1)
             if t2 is not None and self.paired:
                 t2 = self._check("t2", t2, t1.shape[0])
             if mask is not None:
                 mask = self._check("mask", mask, t1.shape[0])
+            if clean is not None:
+                clean = [self._check(f"{q}_clean", c, t1.shape[0]) for q, c in zip(("t1", "t2"), clean)]
         if t2 is not None:
             t2 = self._check("t2", t2)
         if mask is not None and t1 is None:
@@ -297,6 +325,8 @@ class PreparedWriter:
             self.subjects[q][split] += [subject] * a.shape[0]
         if mask is not None:
             self.files[f"{split}_mask"].append(np.asarray(mask).astype(np.uint8) != 0)
+        for q, c in zip(("t1", "t2"), clean or ()):
+            self.files[f"test_{q}_clean"].append(c.astype(np.float16))
 
     def counts(self):
         return {f"{s}_{q}": len(self.subjects[q][s]) for s in ("train", "test") for q in ("t1", "t2")}
@@ -324,6 +354,9 @@ class PreparedWriter:
             "masks": self.masks,
             "version": VERSION,
         })
+        if self.clean:
+            m.setdefault("clean", {"description": "noiseless test targets"})
+            m["clean"]["files"] = list(CLEAN_FILES)
         if s2 != s1:
             m["slice_subject_t2"] = {"train": s2["train"], "test": s2["test"]}
             m["n_train_t2"], m["n_test_t2"] = c["train_t2"], c["test_t2"]
@@ -411,7 +444,8 @@ def prepare_phantom(out, n_train=900, n_test=213, slices=1, size=(304, 256), see
                     overwrite=False, progress=True, created_by=None) -> str:
     """Write the synthetic phantom (unit/phantom.py) as a prepared dataset; returns the folder.
     Subject i (id "phantom-%04d") uses unit.phantom.subject_seed(seed, i); subjects 0..n_train-1
-    are train, the next n_test are test. Masks (intracranial) are stored for both splits."""
+    are train, the next n_test are test. Masks (intracranial) are stored for both splits, and the
+    noiseless test targets (test_t1_clean.npy, test_t2_clean.npy: evaluate.py's oracle row)."""
     from unit.phantom import phantom_subject, subject_seed
     H, W = (int(v) for v in size)
     n_train, n_test, slices = int(n_train), int(n_test), int(slices)
@@ -426,15 +460,19 @@ def prepare_phantom(out, n_train=900, n_test=213, slices=1, size=(304, 256), see
                                     "in [0, 1] (divided by the 99.5th percentile of brain pixels, clipped)"},
         "mask": {"source": "phantom", "description": "intracranial mask (CSF, GM, WM, deep GM) from "
                                                      "the phantom's tissue labels"},
+        "clean": {"description": "the test targets before their Rician noise, divided by the same reference "
+                                 "(99.5th percentile of the noisy brain pixels) and clipped like them"},
         "subject_seed": "unit.phantom.subject_seed(seed, i)",
         "slices_per_subject": slices,
     }
     t0 = time.time()
     bar = Progress(n, "phantom subjects", enabled=progress)
-    with PreparedWriter(out, (H, W), paired=True, masks=True, overwrite=overwrite) as w:
+    with PreparedWriter(out, (H, W), paired=True, masks=True, overwrite=overwrite, clean=True) as w:
         for i in range(n):
             s = phantom_subject(subject_seed(seed, i), size=(H, W), slices=slices)
-            w.add("train" if i < n_train else "test", f"phantom-{i:04d}", s["t1"], s["t2"], s["mask"])
+            test = i >= n_train
+            w.add("test" if test else "train", f"phantom-{i:04d}", s["t1"], s["t2"], s["mask"],
+                  clean=(s["t1_clean"], s["t2_clean"]) if test else None)
             bar.update()
         bar.close()
         path = w.finish(meta)

@@ -65,7 +65,9 @@ def paired_bootstrap(diff, subjects, n_boot=2000, seed=0, level=0.95):
 
 def evaluate(model, data, device, channels, batch_size=16, limit=None):
     """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline, in float32
-    (no autocast: the number a paper reports). Returns (results dict, stacks): stacks holds t1, t2
+    (no autocast: the number a paper reports), and, on data with noiseless test targets (the phantom),
+    "oracle": those targets scored against the noisy ones, the best a translator can expect on this
+    data (a model can beat it only by reproducing noise). Returns (results dict, stacks): stacks holds t1, t2
     (real) and fake_t1, fake_t2, (n, H, W) on CPU, and "slices": per_slice() of T1 and T2."""
     n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
     t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
@@ -79,4 +81,8 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
     res = {"n": n, "T1": means(slices["T1"]), "T2": means(slices["T2"]),
            "identity": means(per_slice(t2, t1, mask))}  # symmetric metrics: one row serves both columns
+    if data.test_t1_clean is not None:   # the phantom: its noiseless targets scored as the translation
+        clean = {q: torch.from_numpy(np.asarray(a[:n], dtype=np.float32))
+                 for q, a in (("T1", data.test_t1_clean), ("T2", data.test_t2_clean))}
+        res["oracle"] = {"T1": means(per_slice(clean["T1"], t1, mask)), "T2": means(per_slice(clean["T2"], t2, mask))}
     return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices}

@@ -386,7 +386,9 @@ def phantom_subject(seed: int, size: tuple[int, int] = (304, 256), slices: int =
 
     Returns {'t1': float32 (S,H,W) in [0,1], 't2': float32 (S,H,W) in [0,1],
     'mask': bool (S,H,W) brain mask (intracranial: CSF, GM, WM, deep GM),
-    'labels': uint8 (S,H,W) dominant tissue label per pixel (index into TISSUES)}.
+    'labels': uint8 (S,H,W) dominant tissue label per pixel (index into TISSUES),
+    't1_clean', 't2_clean': float32 (S,H,W), the same images before the Rician noise, divided by
+    the same reference as the noisy ones (what a perfect translator could at best produce)}.
     Identical output for identical (seed, size, slices)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"unit/phantom.py: seed must be a non-negative int, got {seed!r}.")
@@ -417,15 +419,18 @@ def phantom_subject(seed: int, size: tuple[int, int] = (304, 256), slices: int =
             out[q][i] = img * _bias(S["bias"][j], H, W)
     mask = np.isin(labels, [LABEL[t] for t in BRAIN_TISSUES])
 
+    clean = {}
     for q in SEQUENCES:
         img = out[q]
         sigma = np.float32(S["noise"] * np.percentile(img[mask], 99.5) if mask.any() else S["noise"])
         re = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
         im = sigma * rng.standard_normal(img.shape, dtype=np.float32)
-        img = np.sqrt(re * re + im * im)                 # Rician magnitude
-        ref = np.percentile(img[mask], 99.5) if mask.any() else img.max()
-        out[q] = np.clip(img / max(float(ref), 1e-12), 0.0, 1.0).astype(np.float32)
-    return {"t1": out["t1"], "t2": out["t2"], "mask": mask, "labels": labels}
+        noisy = np.sqrt(re * re + im * im)               # Rician magnitude
+        ref = max(float(np.percentile(noisy[mask], 99.5) if mask.any() else noisy.max()), 1e-12)
+        out[q] = np.clip(noisy / ref, 0.0, 1.0).astype(np.float32)
+        clean[q] = np.clip(img / ref, 0.0, 1.0).astype(np.float32)   # same scale as the noisy image
+    return {"t1": out["t1"], "t2": out["t2"], "mask": mask, "labels": labels,
+            "t1_clean": clean["t1"], "t2_clean": clean["t2"]}
 
 
 def subject_seed(seed: int, index: int) -> int:
