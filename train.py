@@ -108,9 +108,11 @@ def parse_args(argv=None):
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=kw.pop("help") + shown, **kw)
     p.add_argument("--full", action="store_true", help="poster settings even without CUDA (no CPU preset)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as one JSON line and exit "
+                                                          "(nothing is prepared, trained or written)")
     args = vars(p.parse_args(argv))
-    full, resume = args.pop("full"), args.pop("resume")
-    return args, full, resume
+    full, resume, dry = args.pop("full"), args.pop("resume"), args.pop("dry_run")
+    return args, full, resume, dry
 
 
 def resolve_config(given, full, resume, world=1):
@@ -469,9 +471,12 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
 
 def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    given, full, resume = parse_args(argv)
+    given, full, resume, dry = parse_args(argv)
     cfg, ckpt, note = resolve_config(given, full, resume, world)
     hw = check_config(cfg, given) if not resume else None
+    if dry:
+        print(json.dumps(cfg))
+        return 0
     device = cfg["device"]
     if world > 1:                                       # torchrun: one process per GPU (or CPU share)
         if device.startswith("cuda"):
