@@ -2,6 +2,8 @@
 
     python evaluate.py runs/NAME/ckpt.pt [--data DIR] [--json FILE] [--save-images DIR]
     python evaluate.py runs/*/ckpt_e075.pt [--csv FILE]     # one row per checkpoint, differences with CIs
+    python evaluate.py runs/none/ckpt.pt runs/encoder-sn-cl/ckpt.pt --figure cmp.png   # qualitative figure
+    python evaluate.py runs/encoder-sn-cl/ckpt.pt --attention-maps runs/encoder-sn-cl/attention
     python evaluate.py runs/NAME/ckpt.pt --volumes SRC --layout hcp --out DIR   # whole NIfTI volumes
 
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
@@ -14,6 +16,12 @@ model's SSIM as a fraction of it. Everything the model needs comes from the chec
 With several checkpoints, all are scored on the same test slices, one row each, and every row after
 the first also gets its paired difference to the first per metric, with a 95% percentile bootstrap
 interval resampling test *subjects* (their slices are not independent), 2000 resamples, seed 0.
+
+--figure draws, for a few test subjects (--subjects, or 3 drawn with seed 0), the input, each
+checkpoint's translation with its SSIM and the real target in both directions, with the absolute
+error under each translation on a fixed colour scale. --attention-maps draws, for one test slice and
+a few query points, the attention weights of every self-attention layer the translation runs through,
+and lists each layer's learned gamma (unit/figures.py draws both, with Pillow).
 
 With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
 slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the
@@ -31,7 +39,7 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import evaluate, paired_bootstrap, translate
+from unit.evaluation import evaluate, figure_slices, paired_bootstrap, to_model, translate
 from unit.metrics import mae, psnr, ssim_volume
 
 
@@ -146,6 +154,74 @@ def evaluate_volumes(model, cfg, data, args):
     return res
 
 
+def run_label(path, epoch):
+    """A checkpoint's short name in figures: its run folder and epoch ("encoder-sn-cl e75")."""
+    return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))} e{epoch}"
+
+
+def draw_figure(path, rows, stacks, idx, subjects):
+    """The qualitative comparison (unit.figures.translation_figure) of the test slices idx."""
+    from unit.figures import translation_figure
+    cases = []
+    for i in idx:
+        for c, src, dst, fake in (("T2", "t1", "t2", "fake_t2"), ("T1", "t2", "t1", "fake_t1")):
+            cases.append({"label": f"{subjects[i]}\n{src.upper()}w -> {dst.upper()}w",
+                          "input": stacks[src][i].numpy(), "target": stacks[dst][i].numpy(),
+                          "outputs": [r["figure"][fake][i].numpy() for r in rows],
+                          "ssim": [r["slices"][c]["ssim"][i] for r in rows]})
+    translation_figure(path, cases, [run_label(r["ckpt"], r["epoch"]) for r in rows])
+    print(f"figure: {path} ({len(idx)} test subjects x 2 directions; error maps from 0 to 0.25)")
+
+
+def default_queries(mask, image):
+    """Four query points inside the brain's bounding box (the mask's, else the image's bright part):
+    its centre and three points towards its front-left, front-right and back."""
+    m = mask if mask is not None and mask.any() else image > 0.05
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    return [(int(r0 + fr * (r1 - r0)), int(c0 + fc * (c1 - c0))) for fr, fc in
+            ((0.5, 0.5), (0.3, 0.3), (0.3, 0.7), (0.75, 0.5))]
+
+
+def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
+    """Attention maps of both translations of test slice idx (one PNG each) and attention.json with
+    the query points and every attention layer's gamma."""
+    from unit.attention import SelfAttention, attention_weights
+    from unit.figures import attention_figure
+    layers = {n: float(m.gamma) for n, m in model.named_modules() if isinstance(m, SelfAttention)}
+    if not layers:
+        raise UserError(f"--attention-maps: this checkpoint has no self-attention (attn={cfg['attn']}); train "
+                        f"with --attn encoder, generator or both")
+    H, W = data.shape
+    mask = None if data.test_mask is None else np.asarray(data.test_mask[idx]) > 0
+    img = {"a": np.asarray(data.test_t1[idx], np.float32), "b": np.asarray(data.test_t2[idx], np.float32)}
+    points = queries or default_queries(mask, img["a"])
+    bad = [p for p in points if not (0 <= p[0] < H and 0 <= p[1] < W)]
+    if bad:
+        raise UserError(f"--queries {bad}: outside the {H}x{W} image (row, col from 0)")
+    os.makedirs(out_dir, exist_ok=True)
+    subject = data.meta["slice_subject"]["test"][idx]
+    record = {"slice": idx, "subject": subject, "queries": points, "gamma": layers, "layers": {}}
+    model.eval()
+    for src, name in (("a", "t1_to_t2"), ("b", "t2_to_t1")):
+        with attention_weights(model, points, (H, W)) as maps:
+            model.translate(to_model(img[src][None], cfg["channels"], device), src)
+        for m in maps:
+            m["beta"] = m["beta"][0]                    # the one image of the batch: (Q, h, w)
+            record["layers"].setdefault(name, []).append({"layer": m["layer"], "grid": list(m["grid"]),
+                                                          "queries": [list(q) for q in m["queries"]]})
+            part, side = {"e": "encoder", "g": "generator"}[m["layer"][0]], {"a": "T1w", "b": "T2w"}[m["layer"][4]]
+            m["layer"] = f"{part} {side} ({m['layer']})"
+        png = os.path.join(out_dir, f"attention_{name}.png")
+        attention_figure(png, img[src], maps, points, f"{subject}, test slice {idx}: {name.replace('_', ' ')} "
+                                                      f"({cfg['attn']} attention); where each query attends")
+        print(f"attention maps: {png} ({len(maps)} layer(s) x {len(points)} queries)")
+    with open(os.path.join(out_dir, "attention.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    print("learned gamma (y = gamma * attention + x; 0 = attention unused): " +
+          ", ".join(f"{n} {g:+.4f}" for n, g in layers.items()))
+
+
 def variant(cfg):
     """A checkpoint's model variant in the poster's words, from its config."""
     parts = ["baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"]
@@ -196,6 +272,16 @@ def main(argv=None):
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals of the differences")
     p.add_argument("--save-images", metavar="DIR", help="write real/translated PNGs of test slices here (one "
                                                         "checkpoint)")
+    f = p.add_argument_group("figures (unit/figures.py, Pillow)")
+    f.add_argument("--figure", metavar="FILE.png", help="input, each checkpoint's translation (SSIM on it), real "
+                                                        "target and error maps, both directions")
+    f.add_argument("--subjects", help="comma-separated test subject ids for --figure / --attention-maps (default: "
+                                      "3 drawn with seed 0; the slice with the most brain of each)")
+    f.add_argument("--attention-maps", metavar="DIR", help="attention weights of chosen query points of one test "
+                                                           "slice, per attention layer, and each layer's gamma "
+                                                           "(one checkpoint with --attn)")
+    f.add_argument("--queries", help="query pixels for --attention-maps as 'row,col row,col ...' (default: 4 "
+                                     "points inside the brain)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="evaluate only the first N test slices")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,12 +291,20 @@ def main(argv=None):
     v.add_argument("--hcp-space", default="acpc", choices=("acpc", "mni"), help="for --layout hcp")
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
     args = p.parse_args(argv)
-    if len(args.ckpt) > 1 and (args.volumes or args.save_images):
-        raise UserError("--volumes and --save-images take one checkpoint; run evaluate.py once per checkpoint")
+    if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
+        raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
+                        "per checkpoint")
+    try:
+        queries = [tuple(int(v) for v in q.split(",")) for q in args.queries.split()] if args.queries else None
+    except ValueError:
+        raise UserError(f"--queries {args.queries!r}: give pixels as 'row,col row,col ...'") from None
+    if queries and any(len(q) != 2 for q in queries):
+        raise UserError(f"--queries {args.queries!r}: each point is row,col")
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
 
-    rows, data, data_path = [], None, None
+    rows, data, data_path, idx = [], None, None, None
+    subjects = args.subjects.split(",") if args.subjects else None
     for path in args.ckpt:
         model, ckpt = load_model(path, args.device)
         cfg = ckpt["config"]
@@ -236,6 +330,12 @@ def main(argv=None):
         res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
         rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
                      "slices": stacks.pop("slices")})
+        if idx is None and (args.figure or args.attention_maps):
+            idx = figure_slices(data, res["n"], subjects)
+        if args.figure:   # keep only the figure's slices of each checkpoint's translations
+            rows[-1]["figure"] = {k: {i: stacks[k][i] for i in idx} for k in ("fake_t1", "fake_t2")}
+        if args.attention_maps:
+            draw_attention_maps(args.attention_maps, model, cfg, data, idx[0], queries, args.device)
         del model
     n = rows[0]["res"]["n"]
     subjects = list(data.meta["slice_subject"]["test"][:n])
@@ -248,8 +348,10 @@ def main(argv=None):
         print(f"note: {data_path} was prepared before the phantom stored its noiseless test targets, so there is "
               f"no oracle row; prepare it again (data/prepare.py phantom ... --overwrite) to see it")
     print(table(rows[0]["res"]) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap))
+    if args.figure:
+        draw_figure(args.figure, rows, stacks, idx, data.meta["slice_subject"]["test"])
     if args.json:
-        plain = lambda r: {k: v for k, v in r.items() if k != "slices"}
+        plain = lambda r: {k: v for k, v in r.items() if k not in ("slices", "figure")}
         with open(args.json, "w") as f:
             if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
                 r = rows[0]

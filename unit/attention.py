@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -366,6 +367,49 @@ class SelfAttention(nn.Module):
         v = self.h(x).flatten(2)                     # (B, C, N)
         o = attention(q.contiguous(), k.contiguous(), v.contiguous())
         return self.gamma * o.view(B, C, H, W) + x
+
+    def weights(self, x, queries):
+        """beta for a few output positions only: (B, Q, H*W) float32, row j the softmax weights with
+        which output position queries[j] (a flat index r * W + c of this block's H x W grid) sums
+        the values h(x_i) of all positions i. x: this block's input (B, C, H, W). Holds Q x N,
+        never the N x N matrix of all queries (N = 19456 in the poster's generator)."""
+        q = self.g(x).flatten(2)[:, :, list(queries)]   # (B, C/8, Q)
+        k = self.f(x).flatten(2)                         # (B, C/8, N)
+        return torch.softmax(torch.bmm(q.transpose(1, 2), k).float(), dim=-1)
+
+
+@contextmanager
+def attention_weights(model, points, size):
+    """While inside, every SelfAttention of `model` that runs records where the given points attend:
+
+        with attention_weights(model, [(r, c), ...], (H, W)) as maps:
+            model.translate(x, "a")
+        maps: [{"layer": "enc_a.attn", "gamma": float, "grid": (h, w), "queries": [(r_l, c_l), ...],
+                "beta": (B, Q, h, w) float32 tensor on the CPU}, ...] in the order the layers ran.
+
+    points are (row, col) pixels of the (H, W) input image; each is mapped to the cell of the
+    layer's own h x w grid that covers it (r_l = r * h // H), the query whose weights are recorded.
+    A forward hook per SelfAttention computes them with SelfAttention.weights from the block's input."""
+    maps, handles = [], []
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0]
+            h, w = x.shape[2:]
+            cells = [(r * h // size[0], c * w // size[1]) for r, c in points]
+            beta = module.weights(x, [r * w + c for r, c in cells])
+            maps.append({"layer": name, "gamma": float(module.gamma), "grid": (h, w), "queries": cells,
+                         "beta": beta.view(x.shape[0], len(cells), h, w).cpu()})
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, SelfAttention):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ in [-1, 1] inside the model; to_model / from_model are the only places that conv
 import numpy as np
 import torch
 
+from unit import UserError
 from unit.metrics import gmsd, mae, ms_ssim, psnr, ssim
 
 
@@ -86,3 +87,26 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
                  for q, a in (("T1", data.test_t1_clean), ("T2", data.test_t2_clean))}
         res["oracle"] = {"T1": means(per_slice(clean["T1"], t1, mask)), "T2": means(per_slice(clean["T2"], t2, mask))}
     return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices}
+
+
+def figure_slices(data, n, subjects=None, k=3, seed=0):
+    """Test-slice indices (among the first n) for figures, one per subject: the slice with the most
+    brain (mask area; the middle slice of the subject without masks). subjects: test subject ids;
+    default k of them drawn with `seed`, so every figure of a data set shows the same ones."""
+    ss = list(data.meta["slice_subject"]["test"][:n])
+    ids = list(dict.fromkeys(ss))
+    if subjects:
+        unknown = [s for s in subjects if s not in ids]
+        if unknown:
+            raise UserError(f"--subjects: {unknown} are not test subjects of {data.path} (e.g. {', '.join(ids[:3])})")
+        chosen = list(subjects)
+    else:
+        chosen = [ids[i] for i in sorted(np.random.default_rng(seed).choice(len(ids), min(k, len(ids)), replace=False))]
+    out = []
+    for sid in chosen:
+        idx = [i for i, s in enumerate(ss) if s == sid]
+        if data.test_mask is not None:
+            out.append(idx[int(np.argmax(np.asarray(data.test_mask[idx]).reshape(len(idx), -1).sum(1)))])
+        else:
+            out.append(idx[len(idx) // 2])
+    return out

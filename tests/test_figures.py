@@ -1,0 +1,110 @@
+"""Attention maps (SelfAttention.weights and the attention_weights hook) against the reference op and the
+module's own forward pass, the figures' pixels against their stated colour scale, and evaluate.py's
+--figure / --attention-maps end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unit.attention import SelfAttention, attention_reference, attention_weights
+from unit.data import prepare_phantom
+from unit.figures import MAGMA, colormap, translation_figure
+from unit.model import UNIT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_attention_weights_sum_to_one_and_are_the_reference_ops():
+    torch.manual_seed(0)
+    m = SelfAttention(16).double()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    queries = [0, 7, 29, 13]
+    beta = m.weights(x, queries).double()                         # (B, Q, N)
+    assert beta.shape == (2, 4, 30)
+    torch.testing.assert_close(beta.sum(-1), torch.ones(2, 4, dtype=torch.float64), rtol=0, atol=1e-6)
+    # the reference op with v = identity returns its weights: o[:, :, i] = sum_j p_ij e_j = row i of p
+    q, k = m.g(x).flatten(2), m.f(x).flatten(2)
+    p = attention_reference(q, k, torch.eye(30, dtype=torch.float64).expand(2, 30, 30))
+    torch.testing.assert_close(beta, p[:, :, queries].transpose(1, 2), rtol=0, atol=1e-6)  # softmax in float32
+
+
+def test_attention_hook_records_each_layer_on_its_grid_and_matches_its_output():
+    torch.manual_seed(1)
+    model = UNIT(width=4, attn="both").eval()
+    seen = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SelfAttention):
+            mod.gamma.data.fill_(0.5)                               # so the output shows the attention
+            mod.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    points = [(10, 20), (33, 40), (63, 0)]
+    with attention_weights(model, points, (64, 64)) as maps:
+        model.translate(x, "a")
+    assert [m["layer"] for m in maps] == ["enc_a.net.9", "gen_b.net.5"]   # the layers a T1w -> T2w pass runs
+    assert [m["grid"] for m in maps] == [(16, 16), (32, 32)]
+    assert maps[0]["queries"] == [(2, 5), (8, 10), (15, 0)] and maps[1]["queries"] == [(5, 10), (16, 20), (31, 0)]
+    for m in maps:
+        assert m["gamma"] == 0.5
+        xin, y = seen[m["layer"]]
+        h, w = m["grid"]
+        mod = dict(model.named_modules())[m["layer"]]
+        o = ((y - xin) / 0.5).flatten(2)                           # the attention output the block used
+        vals = mod.h(xin).flatten(2)                               # (B, C, N)
+        beta = m["beta"].flatten(2)                                # (B, Q, N)
+        for j, (r, c) in enumerate(m["queries"]):
+            torch.testing.assert_close(torch.einsum("bcn,bn->bc", vals, beta[:, j]), o[:, :, r * w + c],
+                                       rtol=1e-4, atol=1e-5)
+    # the hooks are gone afterwards (only the test's own remain)
+    assert all(len(mod._forward_hooks) == 1 for mod in model.modules() if isinstance(mod, SelfAttention))
+
+
+def test_colormap_stops_and_translation_figure_pixels(tmp_path):
+    np.testing.assert_array_equal(colormap(np.array([[0.0, 1.0, 2.0]])), MAGMA[[0, -1, -1]][None].astype(np.uint8))
+    np.testing.assert_array_equal(colormap(np.array([[0.125]])), np.round((MAGMA[0] + MAGMA[1]) / 2)[None, None])
+    r = np.random.default_rng(0)
+    target = r.random((64, 64))
+    cases = [{"label": "s\nT1w -> T2w", "input": r.random((64, 64)), "target": target,
+              "outputs": [target, np.clip(target + 0.5, 0, 1)], "ssim": [1.0, 0.5]}]
+    path = str(tmp_path / "f.png")
+    translation_figure(path, cases, ["exact", "off"], err_max=0.25)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    lw, th = 118, 22                                               # cells 128 px (64 x 2), label column, title row
+    assert img.shape == (th + 2 * (128 + 2) + 40, lw + 4 * (128 + 2), 3)
+    err = lambda col: img[th + 130 + 10: th + 130 + 118, lw + col * 130 + 10: lw + col * 130 + 118]
+    assert np.abs(err(1) - MAGMA[0]).max() <= 6                  # exact output: error 0 everywhere
+    off = err(2)[(np.clip(target + 0.5, 0, 1) - target).repeat(2, 0).repeat(2, 1)[10:118, 10:118] >= 0.25]
+    assert off.size and np.abs(off - MAGMA[-1]).max() <= 6      # |error| >= 0.25: the top of the scale
+
+
+def test_evaluate_figure_and_attention_maps(tmp_path):
+    data = str(tmp_path / "phantom")
+    prepare_phantom(data, n_train=4, n_test=4, slices=1, size=(64, 64), seed=0, progress=False)
+    env = {**os.environ, "UNIT_ATTN": "naive"}
+    r = subprocess.run([sys.executable, "train.py", "--data", data, "--out", str(tmp_path / "run"), "--full", "--width",
+                        "4", "--batch-size", "2", "--device", "cpu", "--eval-every", "0", "--max-steps", "2",
+                        "--attn", "both"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt, ckpt, "--figure", str(tmp_path / "f.png"),
+                        "--subjects", "phantom-0005,phantom-0007"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "f.png").size == (118 + 4 * 130, 22 + 8 * 130 + 40)   # 2 subjects x 2 directions
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "att"), "--queries",
+                        "10,20 40,30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.load(open(tmp_path / "att" / "attention.json"))
+    state = torch.load(ckpt, weights_only=True)["model"]
+    assert rec["gamma"] == {n: pytest.approx(state[f"{n}.gamma"].item()) for n in
+                            ("enc_a.net.9", "enc_b.net.9", "gen_a.net.5", "gen_b.net.5")}
+    assert [m["layer"] for m in rec["layers"]["t2_to_t1"]] == ["enc_b.net.9", "gen_a.net.5"]
+    assert rec["queries"] == [[10, 20], [40, 30]]
+    assert Image.open(tmp_path / "att" / "attention_t1_to_t2.png").size == (150 + 3 * 130, 38 + 2 * 130 + 40)
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "a2"), "--queries",
+                        "10,99"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "outside the 64x64 image" in r.stderr

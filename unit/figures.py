@@ -1,0 +1,150 @@
+"""Figures with Pillow only (no matplotlib): the qualitative comparison of evaluate.py --figure and
+the attention maps of evaluate.py --attention-maps. Images come in as (H, W) arrays in [0, 1].
+
+Colour scale of error maps and attention heat-maps: a five-stop approximation of matplotlib's
+"magma" (black -> purple -> red -> orange -> pale yellow), linear between the stops.
+"""
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MAGMA = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
+INK, PAPER, MARK = (235, 235, 235), (24, 24, 24), (60, 255, 60)
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)   # Pillow >= 10.1 (TrueType when FreeType is there)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def colormap(x):
+    """(H, W) values in [0, 1] (clipped) -> (H, W, 3) uint8 on the MAGMA scale."""
+    t = np.clip(np.asarray(x, np.float64), 0, 1) * (len(MAGMA) - 1)
+    i = np.minimum(t.astype(int), len(MAGMA) - 2)
+    f = (t - i)[..., None]
+    return np.round(MAGMA[i] * (1 - f) + MAGMA[i + 1] * f).astype(np.uint8)
+
+
+def gray(x):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8."""
+    g = np.round(np.clip(np.asarray(x, np.float64), 0, 1) * 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def overlay(x, heat, alpha=0.65):
+    """The gray image x with a heat-map (both (H, W), heat scaled to its own maximum) blended on top,
+    more opaque where the heat is high."""
+    h = np.asarray(heat, np.float64)
+    h = h / h.max() if h.max() > 0 else h
+    a = (alpha * h)[..., None]
+    return np.round(gray(x) * (1 - a) + colormap(h) * a).astype(np.uint8)
+
+
+class Sheet:
+    """A grid of equal cells on a dark page, with a title row, a label column and a footer."""
+
+    def __init__(self, rows, cols, cell, label_w, title_h=22, footer_h=0, text=12):
+        self.cell, self.label_w, self.title_h = cell, label_w, title_h
+        h, w = cell
+        self.img = Image.new("RGB", (label_w + cols * (w + 2), title_h + rows * (h + 2) + footer_h), PAPER)
+        self.draw, self.font = ImageDraw.Draw(self.img), font(text)
+
+    def xy(self, row, col):
+        return self.label_w + col * (self.cell[1] + 2), self.title_h + row * (self.cell[0] + 2)
+
+    def put(self, row, col, rgb, caption=None):
+        """Place an (h', w', 3) uint8 image, upscaled by nearest neighbour to the cell."""
+        x, y = self.xy(row, col)
+        im = Image.fromarray(rgb).resize((self.cell[1], self.cell[0]), Image.NEAREST)
+        self.img.paste(im, (x, y))
+        if caption:
+            box = self.draw.textbbox((x + 3, y + 2), caption, font=self.font)
+            self.draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
+            self.draw.text((x + 3, y + 2), caption, fill=INK, font=self.font)
+
+    def title(self, col, text):
+        x, _ = self.xy(0, col)
+        self.draw.text((x + 2, 4), text, fill=INK, font=self.font)
+
+    def label(self, row, text):
+        _, y = self.xy(row, 0)
+        self.draw.multiline_text((4, y + 4), text, fill=INK, font=self.font, spacing=3)
+
+    def colorbar(self, text, lo="0", hi="1"):
+        """A MAGMA bar across the footer with its end values and a caption."""
+        W = self.img.width - self.label_w - 8
+        y = self.img.height - 34
+        bar = colormap(np.tile(np.linspace(0, 1, W), (10, 1)))
+        self.img.paste(Image.fromarray(bar), (self.label_w, y))
+        self.draw.text((self.label_w, y + 12), lo, fill=INK, font=self.font)
+        r = self.draw.textbbox((0, 0), hi, font=self.font)[2]
+        self.draw.text((self.label_w + W - r, y + 12), hi, fill=INK, font=self.font)
+        c = self.draw.textbbox((0, 0), text, font=self.font)[2]
+        self.draw.text((self.label_w + (W - c) // 2, y + 12), text, fill=INK, font=self.font)
+
+    def save(self, path):
+        # an adaptive 256-colour palette: a fraction of the RGB file, the same to the eye on these images
+        self.img.convert("P", palette=Image.ADAPTIVE, colors=256).save(path, optimize=True)
+
+
+def scale_for(shape, target=160):
+    """Integer upscaling that brings the image width near `target` pixels (small images get room for text)."""
+    return max(1, round(target / shape[1]))
+
+
+def translation_figure(path, cases, names, err_max=0.25):
+    """The qualitative comparison. cases: dicts with "label" (e.g. "phantom-0901\\nT1w -> T2w"), "input",
+    "target" ((H, W) in [0, 1]), "outputs" (one (H, W) per checkpoint) and "ssim" (one per checkpoint).
+    Per case two rows: input | each checkpoint's translation (its SSIM written on it) | real target, then
+    under each translation |translation - target| on the MAGMA scale from 0 to err_max (clipped)."""
+    H, W = cases[0]["input"].shape
+    s = scale_for((H, W))
+    k = len(names)
+    sheet = Sheet(2 * len(cases), k + 2, (H * s, W * s), label_w=118, footer_h=40)
+    for j, t in enumerate(["input"] + list(names) + ["real target"]):
+        sheet.title(j, t)
+    for i, c in enumerate(cases):
+        sheet.label(2 * i, c["label"])
+        sheet.label(2 * i + 1, "|error|")
+        sheet.put(2 * i, 0, gray(c["input"]))
+        sheet.put(2 * i, k + 1, gray(c["target"]))
+        for j, (out, q) in enumerate(zip(c["outputs"], c["ssim"])):
+            sheet.put(2 * i, j + 1, gray(out), f"SSIM {q:.3f}")
+            sheet.put(2 * i + 1, j + 1, colormap(np.abs(np.asarray(out, np.float64) - c["target"]) / err_max))
+    sheet.colorbar(f"|translation - target| on [0, 1] intensities (clipped at {err_max})", "0", f"{err_max}")
+    sheet.save(path)
+
+
+def attention_figure(path, image, maps, points, title):
+    """Where each query point attends: one row per attention layer (label: layer, grid, gamma), first
+    column the input with every query marked, then per query the input with that query's weights beta
+    (nearest-upsampled from the layer's grid, scaled to their maximum) blended on top and the query
+    marked. maps: attention_weights() records for one image (beta (Q, h, w)); points: (row, col) pixels."""
+    H, W = image.shape
+    s = scale_for((H, W))
+    sheet = Sheet(len(maps), len(points) + 1, (H * s, W * s), label_w=150, title_h=38, footer_h=40)
+    sheet.draw.text((4, 4), title, fill=INK, font=sheet.font)
+    sheet.title(0, "\n" + "queries")
+    for j, (r, c) in enumerate(points):
+        sheet.title(j + 1, f"\nquery {j + 1} ({r}, {c})")
+
+    def mark(row, col, r, c, n):
+        x, y = sheet.xy(row, col)
+        cx, cy = x + int((c + 0.5) * s), y + int((r + 0.5) * s)
+        sheet.draw.line((cx - 5, cy, cx + 5, cy), fill=MARK, width=2)
+        sheet.draw.line((cx, cy - 5, cx, cy + 5), fill=MARK, width=2)
+        sheet.draw.text((cx + 4, cy - 14), str(n), fill=MARK, font=sheet.font)
+
+    for i, m in enumerate(maps):
+        h, w = m["grid"]
+        sheet.label(i, f"{m['layer']}\n{h}x{w} grid\ngamma {m['gamma']:+.4f}")
+        sheet.put(i, 0, gray(image))
+        for j, (r, c) in enumerate(points):
+            beta = np.asarray(m["beta"][j], np.float64)
+            up = np.kron(beta, np.ones((H // h, W // w)))     # each grid cell covers (H/h) x (W/w) pixels
+            sheet.put(i, j + 1, overlay(image, up))
+            mark(i, j + 1, r, c, j + 1)
+            mark(i, 0, r, c, j + 1)
+    sheet.colorbar("attention weight beta of the marked query, scaled to its maximum", "0", "max")
+    sheet.save(path)
