@@ -188,7 +188,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
     the query points and every attention layer's gamma."""
     from unit.attention import SelfAttention, attention_weights
     from unit.figures import attention_figure
-    layers = {n: float(m.gamma) for n, m in model.named_modules() if isinstance(m, SelfAttention)}
+    layers = {n: m.gamma.item() for n, m in model.named_modules() if isinstance(m, SelfAttention)}
     if not layers:
         raise UserError(f"--attention-maps: this checkpoint has no self-attention (attn={cfg['attn']}); train "
                         f"with --attn encoder, generator or both")

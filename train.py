@@ -38,6 +38,7 @@ from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, from_model, to_model
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES
+from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
 
 
@@ -192,6 +193,10 @@ def get_data(cfg, hw):
             prepare_phantom(cfg["data"], size=(h, w))
         data = load_prepared(cfg["data"])
     cfg["size"] = list(data.shape)
+    # how the training slices were made, for translate.py on new scans (the checkpoint needs no data folder)
+    m = data.meta
+    cfg["prep"] = {"layout": m["layout"], "percentiles": (m.get("normalization") or {}).get("percentiles"),
+                   "mask_rule": LAYOUT_MASK_RULE.get(m["layout"]), "spacing": m.get("spacing")}
     if not size_ok(*cfg["size"]):
         raise UserError(f"{cfg['data']} has {cfg['size'][0]}x{cfg['size'][1]} slices; the model needs both sides "
                         f"multiples of 4 and at least 64: prepare it again with data/prepare.py --size")

@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
 from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
-from unit.nifti import EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, find_subjects, prepare_subject  # noqa: E402
+from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, find_subjects, prepare_subject,  # noqa: E402
+                        read_png)
 from unit.progress import Progress  # noqa: E402
 
 ORIENTATION = ("volumes reoriented to canonical RAS+ (nibabel); axial slices; image rows run "
@@ -178,30 +179,6 @@ def prepare_volumes(args, created_by):
                 "anatomy and pixel-wise paired metrics would be meaningless")
         path = w.finish(meta)
     return path, _summary(n, used, skipped), w.counts(), t0
-
-
-def read_png(path):
-    """A PNG slice as float32 (H, W) in [0, 1]: 8-bit / 255, 16-bit / 65535; colour -> luma."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(im, dtype=np.float32) / 65535.0
-            if im.mode == "I":
-                a = np.asarray(im, dtype=np.float64)
-                if a.min() < 0 or a.max() > 65535:
-                    raise DataError(f"{path} holds 32-bit values outside 0..65535; save it as 8- or 16-bit.")
-                return (a / 65535.0).astype(np.float32)
-            if im.mode == "F":
-                raise DataError(f"{path} is a floating-point PNG/TIFF; save it as 8- or 16-bit grayscale.")
-            if im.mode != "L":
-                im = im.convert("L")
-            return np.asarray(im, dtype=np.float32) / 255.0
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}); re-export it.") from None
 
 
 def center_crop_or_pad(img, size):

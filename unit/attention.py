@@ -398,7 +398,7 @@ def attention_weights(model, points, size):
             h, w = x.shape[2:]
             cells = [(r * h // size[0], c * w // size[1]) for r, c in points]
             beta = module.weights(x, [r * w + c for r, c in cells])
-            maps.append({"layer": name, "gamma": float(module.gamma), "grid": (h, w), "queries": cells,
+            maps.append({"layer": name, "gamma": module.gamma.item(), "grid": (h, w), "queries": cells,
                          "beta": beta.view(x.shape[0], len(cells), h, w).cpu()})
         return record
 

@@ -1,8 +1,9 @@
 """
 NIfTI source trees: finding a layout's subjects (hcp, brats, ixi, folders), reading a T1w/T2w pair
 into canonical (RAS+) orientation, brain masks, per-volume normalisation, and prepare_subject(): all
-that data/prepare.py does to one subject before the slices go into a prepared dataset (unit/data.py).
-Where the slices sit in the volume is unit/geometry.py.
+that data/prepare.py does to one subject before the slices go into a prepared dataset (unit/data.py);
+and read_png() for the PNG slices of the folders layout. Where the slices sit in the volume is
+unit/geometry.py.
 """
 import re
 from dataclasses import dataclass
@@ -152,10 +153,10 @@ def find_subjects(layout, src, hcp_space="acpc") -> list:
 # reading NIfTI volumes
 
 
-def load_nifti(path, what="image"):
+def load_nifti(path, what="image", allow_zero=False):
     """(data float32 3-D in stored voxel order, affine float64 (4, 4), header). Trailing
     singleton dimensions are dropped. DataError for a missing, unreadable, truncated, non-3-D,
-    non-finite or all-zero image."""
+    non-finite or (unless allow_zero) all-zero image."""
     import nibabel as nib
     p = Path(path)
     if not p.is_file():
@@ -186,7 +187,7 @@ def load_nifti(path, what="image"):
     bad = data.size - int(np.count_nonzero(np.isfinite(data)))
     if bad:
         raise DataError(f"{p} contains {bad} NaN/inf voxels; fix or re-export the image.")
-    if not data.any():
+    if not allow_zero and not data.any():
         raise DataError(f"{p} is all zero; re-export it or remove the subject.")
     return data, affine, img.header
 
@@ -250,6 +251,30 @@ def load_volume_pair(subject, resample_t2=False) -> VolumePair:
     info = SourceInfo(str(subject.t1_path), str(subject.t2_path), source_shape, a1, ornt, zooms,
                       h1, h2, bool(resample_t2))
     return VolumePair(t1c, t2c, maskc, ac, info)
+
+
+def read_png(path):
+    """A PNG slice as float32 (H, W) in [0, 1]: 8-bit / 255, 16-bit / 65535; colour -> luma."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(im, dtype=np.float32) / 65535.0
+            if im.mode == "I":
+                a = np.asarray(im, dtype=np.float64)
+                if a.min() < 0 or a.max() > 65535:
+                    raise DataError(f"{path} holds 32-bit values outside 0..65535; save it as 8- or 16-bit.")
+                return (a / 65535.0).astype(np.float32)
+            if im.mode == "F":
+                raise DataError(f"{path} is a floating-point PNG/TIFF; save it as 8- or 16-bit grayscale.")
+            if im.mode != "L":
+                im = im.convert("L")
+            return np.asarray(im, dtype=np.float32) / 255.0
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}); re-export it.") from None
 
 
 # ----------------------------------------------------------------------------------------
