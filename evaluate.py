@@ -115,7 +115,8 @@ def evaluate_volumes(model, cfg, data, args):
     for n, s in enumerate(chosen):
         try:
             r = prepare_subject(s, size=tuple(cfg["size"]), slices="all", percentiles=pct,
-                                resample_t2=not paired, mask_rule=LAYOUT_MASK_RULE[args.layout])
+                                resample_t2=not paired, mask_rule=LAYOUT_MASK_RULE[args.layout],
+                                spacing=(cfg.get("prep") or {}).get("spacing") or data.meta.get("spacing"))
         except DataError as e:
             print(f"warning: skipping subject {s.id}: {e}", file=sys.stderr)
             continue

@@ -11,6 +11,8 @@ A volume goes through the steps of data/prepare.py and back:
      "prep": nonzero voxels for skull-stripped sources, else a threshold at 10% of the 99th
      percentile, a head mask);
   3. normalisation to [0, 1]: the training data's percentiles (default 0.5, 99.5) of the masked voxels;
+     if the training data was resampled (prepare.py --spacing MM), IN is resampled in-plane to MM x MM
+     first and the translation back onto IN's grid at the end (bilinear);
   4. every axial slice from the lowest to the highest one with mask voxels, whole (zero-padded to a
      multiple of 4, as the network halves the image twice, then cropped back), translated in batches on
      the GPU if there is one; the other slices are 0;
@@ -31,7 +33,8 @@ from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import DataError
 from unit.evaluation import translate
-from unit.geometry import SliceGeometry, axial_display, central_slices, slices_to_volume, to_canonical
+from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
+                           to_canonical)
 from unit.nifti import apply_range, derive_mask, load_nifti, read_png, robust_range
 from unit.progress import Progress
 
@@ -67,23 +70,30 @@ def run_model(model, cfg, slices, src, device, batch_size, desc):
 
 
 def translate_volume(fn, vol, affine, mask=None, percentiles=DEFAULT_PERCENTILES, mask_rule="threshold",
-                     what="IN"):
+                     spacing=None, what="IN"):
     """Steps 1-4 of the module docstring with the translator fn ((K, H, W) -> (K, H, W), both in [0, 1]):
-    a float32 volume in vol's stored voxel order and shape. mask: bool, on vol's grid, or None."""
+    a float32 volume in vol's stored voxel order and shape. mask: bool, on vol's grid, or None.
+    spacing: the model's in-plane voxel size (mm), resampled to and back from; None = IN's own."""
     vc, ac, _ = to_canonical(vol, affine)
+    grid = {}
+    if spacing:
+        vc, a = resample_inplane(vc, ac, spacing)
+        grid = {"grid_shape": list(vc.shape), "grid_affine": a.tolist()}
     if mask is None:
         mc = derive_mask(vc, vc, mask_rule)
         if not mc.any():
             raise DataError(f"{what} gives an empty {mask_rule} mask; pass --mask")
     else:
-        mc = to_canonical(mask, affine)[0]
+        mc, _, _ = to_canonical(mask, affine)
+        if spacing:
+            mc = resample_inplane(mc, ac, spacing, order=0)[0] > 0.5
         if not mc.any():
             raise DataError(f"the mask given for {what} is empty (all zero); pass a mask with brain voxels")
     v01 = apply_range(vc, robust_range(vc, mc, percentiles, what))
     zs = central_slices(mc, "all")
     X, Y, _ = vc.shape
     out = fn(np.ascontiguousarray(axial_display(v01, zs)))              # (K, Y, X) display slices
-    geo = SliceGeometry(list(vol.shape), np.asarray(affine).tolist(), zs, [0, 0], [Y, X])
+    geo = SliceGeometry(list(vol.shape), np.asarray(affine).tolist(), zs, [0, 0], [Y, X], **grid)
     return slices_to_volume(out, geo)
 
 
@@ -115,15 +125,17 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     prep = cfg.get("prep") or {}
     pct = tuple(prep.get("percentiles") or DEFAULT_PERCENTILES)
     rule = prep.get("mask_rule") or "threshold"
+    spacing = prep.get("spacing")
     fn = lambda s: run_model(model, cfg, s, src, args.device, args.batch_size, f"{direction} slices")
-    out = translate_volume(fn, vol, affine, mask, pct, rule, what=src_path)
+    out = translate_volume(fn, vol, affine, mask, pct, rule, spacing, what=src_path)
     hdr = header.copy()
     hdr.set_data_dtype(np.float32)
     img = nib.Nifti1Image(out.reshape(shape), affine, hdr)
     img.header.set_slope_inter(1.0, 0.0)
     img.to_filename(dst_path)
     print(f"wrote {dst_path} ({direction}; shape {tuple(shape)}, {src_path}'s affine and header; mask: "
-          f"{'--mask' if mask_path else rule}; normalisation: percentiles {pct[0]:g}, {pct[1]:g} of the mask)")
+          f"{'--mask' if mask_path else rule}; normalisation: percentiles {pct[0]:g}, {pct[1]:g} of the mask; "
+          + (f"resampled in-plane to the model's {spacing:g} mm and back)" if spacing else "IN's own spacing)"))
 
 
 def main(argv=None):

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
 from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
+from unit.geometry import zooms  # noqa: E402
 from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, find_subjects, prepare_subject,  # noqa: E402
                         read_png)
 from unit.progress import Progress  # noqa: E402
@@ -76,6 +77,8 @@ def build_parser():
                    help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm, default) or MNINonLinear/*_restore_brain")
     p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"),
                    help="normalisation: brain-voxel percentiles mapped to 0 and 1; default 0.5 99.5")
+    p.add_argument("--spacing", type=float, metavar="MM", help="resample every volume in-plane to MM x MM before "
+                   "cropping (bilinear; through-plane untouched); default: keep each source's spacing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -127,7 +130,8 @@ def prepare_volumes(args, created_by):
             split = "test" if used["test"] < n_test else "train"
             try:
                 r = prepare_subject(s, size=args.size, slices=args.slices, percentiles=pct,
-                                    resample_t2=(layout == "ixi"), mask_rule=LAYOUT_MASK_RULE[layout])
+                                    resample_t2=(layout == "ixi"), mask_rule=LAYOUT_MASK_RULE[layout],
+                                    spacing=args.spacing)
             except DataError as e:
                 if args.strict:
                     raise DataError(f"subject {s.id}: {e} (--strict stops here; without it the "
@@ -141,9 +145,10 @@ def prepare_volumes(args, created_by):
             per_volume[s.id] = {"t1": [round(v, 6) for v in r.t1_range],
                                 "t2": [round(v, 6) for v in r.t2_range]}
             mask_sources[r.mask_source] = mask_sources.get(r.mask_source, 0) + 1
+            spacing = [round(v, 4) for v in zooms(r.geometry.canonical_affine)]   # R, A, S voxel sizes (mm)
             volumes[s.id] = {"split": split, "t1": _rel(s.t1_path, src), "t2": _rel(s.t2_path, src),
                              "mask": _rel(s.mask_path, src), "mask_source": r.mask_source,
-                             **r.geometry.to_json()}
+                             "source_spacing": spacing, **r.geometry.to_json()}
             bar.update()
         bar.close()
         if used["train"] == 0 or used["test"] == 0:
@@ -158,6 +163,7 @@ def prepare_volumes(args, created_by):
                       f"the first {n_test} usable ones are test, the rest train"),
             "slices_per_subject": args.slices,
             "orientation": ORIENTATION,
+            "spacing": args.spacing,
             "normalization": {
                 "method": "per volume: clip to the [LO, HI] percentiles of the mask voxels, then scale "
                           "to [0, 1]; inverse x * (hi - lo) + lo",
@@ -178,7 +184,11 @@ def prepare_volumes(args, created_by):
                 "registration), so a T1 slice and its T2 slice show roughly, not exactly, the same "
                 "anatomy and pixel-wise paired metrics would be meaningless")
         path = w.finish(meta)
-    return path, _summary(n, used, skipped), w.counts(), t0
+    inplane = sorted({tuple(v["source_spacing"][:2]) for v in volumes.values()})
+    said = ", ".join(f"{a:g} x {b:g}" for a, b in inplane[:4]) + (" ..." if len(inplane) > 4 else "")
+    note = (f"in-plane spacing: resampled to {args.spacing:g} x {args.spacing:g} mm (sources: {said} mm)"
+            if args.spacing else f"in-plane spacing: kept as in the sources ({said} mm; --spacing MM resamples)")
+    return path, _summary(n, used, skipped) + [note], w.counts(), t0
 
 
 def center_crop_or_pad(img, size):
@@ -282,7 +292,11 @@ def main(argv=None):
     except ValueError:
         pass   # not the main thread
     try:
+        if args.spacing is not None and not args.spacing > 0:
+            raise DataError(f"--spacing must be a positive number of mm, got {args.spacing}.")
         if args.layout == "phantom":
+            if args.spacing is not None:
+                raise DataError("--spacing is for NIfTI sources; the phantom is drawn at its --size.")
             if args.src is not None:
                 raise DataError("the phantom layout takes no SRC folder; drop it "
                                 "(python data/prepare.py phantom --out data/phantom).")
@@ -305,6 +319,9 @@ def main(argv=None):
         src = Path(args.src)
         if args.layout == "folders" and not ((src / "t1").is_dir() or (src / "t2").is_dir()) \
                 and (src / "trainA").is_dir():
+            if args.spacing is not None:
+                raise DataError("--spacing needs NIfTI volumes (their headers give the voxel size); PNG slices "
+                                "have none.")
             path, lines, c, t0 = prepare_png(args, created_by)
         else:
             path, lines, c, t0 = prepare_volumes(args, created_by)

@@ -85,6 +85,33 @@ def resample_to_grid(data, affine, shape, target_affine, order=1, fill=0.0):
     return out
 
 
+def zooms(affine):
+    """Voxel sizes (mm) along the array axes of a 4x4 affine."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0)))
+
+
+def inplane_grid(shape, affine, mm):
+    """(shape, affine) of a canonical grid resampled in-plane (array axes 0 and 1, R and A) to mm x mm
+    voxels, axis 2 (the axial slices) untouched: the same field of view, n' = round(n * d / mm) voxels
+    along an axis of d mm, its outer voxel edge (voxel -0.5) kept where it was."""
+    A = np.asarray(affine, dtype=np.float64).copy()
+    new = list(int(v) for v in shape)
+    for i, d in enumerate(zooms(affine)[:2]):
+        new[i] = max(1, int(round(shape[i] * d / mm)))
+        col = A[:3, i] * (mm / d)
+        A[:3, 3] += 0.5 * (col - A[:3, i])          # edge -0.5 * old = -0.5 * new: shift the origin
+        A[:3, i] = col
+    return tuple(new), A
+
+
+def resample_inplane(vol, affine, mm, order=1):
+    """A canonical volume resampled in-plane to mm x mm (inplane_grid): (volume, its affine). Bilinear
+    (order=1) or nearest (order=0, for masks); no anti-aliasing filter when the voxels grow."""
+    shape, A = inplane_grid(vol.shape, affine, mm)
+    out = resample_to_grid(np.asarray(vol, dtype=np.float32), affine, shape, A, order=order)
+    return out, A
+
+
 # ----------------------------------------------------------------------------------------
 # slice selection, crop/pad, and the way back
 
@@ -152,21 +179,33 @@ class SliceGeometry:
     slices: list              # canonical axial indices, inferior -> superior
     window: list              # (row0, col0) of the crop window in display coordinates
     size: list                # (H, W)
+    grid_shape: list = None   # with --spacing: the canonical grid the slices were cut from, after
+    grid_affine: list = None  # the in-plane resampling (None: the source's own canonical grid)
 
     def to_json(self):
         return {"source_shape": [int(v) for v in self.source_shape],
                 "source_affine": [[round(float(v), 6) for v in r] for r in np.asarray(self.source_affine)],
                 "slices": [int(v) for v in self.slices], "window": [int(v) for v in self.window],
-                "size": [int(v) for v in self.size]}
+                "size": [int(v) for v in self.size]} | ({} if self.grid_shape is None else {
+                "grid_shape": [int(v) for v in self.grid_shape],
+                "grid_affine": [[round(float(v), 6) for v in r] for r in np.asarray(self.grid_affine)]})
 
     @classmethod
     def from_json(cls, d):
-        return cls(d["source_shape"], d["source_affine"], d["slices"], d["window"], d["size"])
+        return cls(d["source_shape"], d["source_affine"], d["slices"], d["window"], d["size"],
+                   d.get("grid_shape"), d.get("grid_affine"))
 
     @property
     def canonical_shape(self):
+        """Shape of the source reoriented to RAS+ (before any in-plane resampling)."""
         ornt = _ras_ornt(np.asarray(self.source_affine, dtype=np.float64))
         return tuple(int(self.source_shape[i]) for i in np.argsort(ornt[:, 0]))
+
+    @property
+    def canonical_affine(self):
+        from nibabel.orientations import inv_ornt_aff
+        a = np.asarray(self.source_affine, dtype=np.float64)
+        return a @ inv_ornt_aff(_ras_ornt(a), tuple(int(v) for v in self.source_shape))
 
 
 def slices_to_volume(slices, geometry, lo_hi=None, fill=0.0):
@@ -175,8 +214,9 @@ def slices_to_volume(slices, geometry, lo_hi=None, fill=0.0):
     nibabel.Nifti1Image(vol, geometry.source_affine, source_header) lines up with the source.
     Undoes crop/pad (pixels outside the window and slices not prepared get `fill`),
     reorientation, and, when lo_hi = (lo, hi) is given, the normalisation (x * (hi - lo) + lo;
-    values the normalisation clipped cannot come back). For ixi the T2 was resampled onto the T1
-    grid, so its result lands on the T1 grid (the geometry's source)."""
+    values the normalisation clipped cannot come back), and an in-plane resampling (--spacing:
+    bilinear back onto the source grid). For ixi the T2 was resampled onto the T1 grid, so its
+    result lands on the T1 grid (the geometry's source)."""
     g = geometry if isinstance(geometry, SliceGeometry) else SliceGeometry.from_json(geometry)
     slices = np.asarray(slices, dtype=np.float32)
     if slices.ndim == 2:
@@ -184,7 +224,7 @@ def slices_to_volume(slices, geometry, lo_hi=None, fill=0.0):
     H, W = (int(v) for v in g.size)
     if slices.shape != (len(g.slices), H, W):
         raise ValueError(f"slices_to_volume: got {slices.shape}, expected ({len(g.slices)}, {H}, {W})")
-    X, Y, Z = g.canonical_shape
+    X, Y, Z = g.canonical_shape if g.grid_shape is None else (int(v) for v in g.grid_shape)
     r0, c0 = (int(v) for v in g.window)
     disp = np.full((len(g.slices), Y, X), fill, dtype=np.float32)
     rs, re_, cs, ce = _overlap(r0, c0, H, W, Y, X)
@@ -195,6 +235,9 @@ def slices_to_volume(slices, geometry, lo_hi=None, fill=0.0):
     disp[:, rs:re_, cs:ce] = part
     vol = np.full((X, Y, Z), fill, dtype=np.float32)
     vol[:, :, list(g.slices)] = disp[:, ::-1, :].transpose(2, 1, 0)
+    if g.grid_shape is not None:    # back from the resampled grid onto the source's canonical grid
+        vol = resample_to_grid(vol, np.asarray(g.grid_affine, dtype=np.float64), g.canonical_shape,
+                               g.canonical_affine, order=1, fill=fill)
     return np.ascontiguousarray(from_canonical(vol, np.asarray(g.source_affine, dtype=np.float64)))
 
 

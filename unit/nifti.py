@@ -14,7 +14,7 @@ import numpy as np
 
 from unit.data import DataError
 from unit.geometry import (SliceGeometry, _overlap, brain_window, central_slices, crop_or_pad_slices,
-                           resample_to_grid, to_canonical)
+                           resample_inplane, resample_to_grid, to_canonical)
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,33 +348,41 @@ class SubjectSlices(NamedTuple):
 
 
 def prepare_subject(subject, size=(304, 256), slices=1, percentiles=(0.5, 99.5),
-                    resample_t2=False, mask_rule="nonzero") -> SubjectSlices:
+                    resample_t2=False, mask_rule="nonzero", spacing=None) -> SubjectSlices:
     """Everything data/prepare.py does to one NIfTI subject: load + reorient (load_volume_pair),
+    with spacing=MM resample in-plane to MM x MM (resample_inplane: bilinear, the mask nearest),
     mask (the source's, else derive_mask(rule)), normalise each contrast (percentiles of mask
     voxels), pick the central slices, crop/pad around the brain. DataError on any problem."""
     v = load_volume_pair(subject, resample_t2=resample_t2)
+    t1v, t2v, grid = v.t1, v.t2, {}
+    if spacing:
+        t1v, a = resample_inplane(v.t1, v.affine, spacing)
+        t2v, _ = resample_inplane(v.t2, v.affine, spacing)
+        grid = {"grid_shape": list(t1v.shape), "grid_affine": a.tolist()}
     if v.mask is not None:
         mask, mask_source = v.mask, "source"
+        if spacing:
+            mask = resample_inplane(mask, v.affine, spacing, order=0)[0] > 0.5
         if not mask.any():
             raise DataError(f"mask {subject.mask_path} is empty; fix or remove it.")
     else:
-        mask, mask_source = derive_mask(v.t1, v.t2, mask_rule), f"derived:{mask_rule}"
+        mask, mask_source = derive_mask(t1v, t2v, mask_rule), f"derived:{mask_rule}"
         if not mask.any():
             raise DataError(f"T1 {subject.t1_path} gives an empty {mask_rule} mask; check the image.")
-    r1 = robust_range(v.t1, mask, percentiles, f"T1 {subject.t1_path}")
-    r2 = robust_range(v.t2, mask, percentiles, f"T2 {subject.t2_path}")
+    r1 = robust_range(t1v, mask, percentiles, f"T1 {subject.t1_path}")
+    r2 = robust_range(t2v, mask, percentiles, f"T2 {subject.t2_path}")
     try:
         zs = central_slices(mask, slices)
     except DataError as e:
         raise DataError(f"T1 {subject.t1_path}: {e}; use a smaller --slices.") from None
     window = brain_window(mask, size)
-    t1 = apply_range(crop_or_pad_slices(v.t1, zs, window, size), r1)
-    t2 = apply_range(crop_or_pad_slices(v.t2, zs, window, size), r2)
+    t1 = apply_range(crop_or_pad_slices(t1v, zs, window, size), r1)
+    t2 = apply_range(crop_or_pad_slices(t2v, zs, window, size), r2)
     m = crop_or_pad_slices(mask, zs, window, size, fill=False)
     # padding is 0 in the source intensity, which normalises to clip(-lo/(hi-lo)); force 0 there
     geo = SliceGeometry(list(v.info.source_shape), v.info.source_affine.tolist(), zs, list(window),
-                        list(size))
-    X, Y, _ = v.t1.shape
+                        list(size), **grid)
+    X, Y, _ = t1v.shape
     H, W = size
     r0, c0 = window
     rs, re_, cs, ce = _overlap(r0, c0, H, W, Y, X)
