@@ -108,14 +108,16 @@ def evaluate_volumes(model, cfg, data, args):
         print(f"note: none of the {len(subjects)} subjects in {args.volumes} is a test subject of {data.path}; "
               f"translating all of them (some may have been seen in training)")
         chosen = subjects
-    paired = args.layout != "ixi"
+    registered = bool(data.meta.get("registration"))    # ixi --register: register again, as prepared
+    paired = args.layout != "ixi" or registered
     pct = tuple(data.meta.get("normalization", {}).get("percentiles", (0.5, 99.5)))
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for n, s in enumerate(chosen):
         try:
             r = prepare_subject(s, size=tuple(cfg["size"]), slices="all", percentiles=pct,
-                                resample_t2=not paired, mask_rule=LAYOUT_MASK_RULE[args.layout],
+                                resample_t2=args.layout == "ixi", register=registered,
+                                mask_rule=LAYOUT_MASK_RULE[args.layout],
                                 spacing=(cfg.get("prep") or {}).get("spacing") or data.meta.get("spacing"))
         except DataError as e:
             print(f"warning: skipping subject {s.id}: {e}", file=sys.stderr)
@@ -124,7 +126,7 @@ def evaluate_volumes(model, cfg, data, args):
         fake_t1 = translate(model, r.t2, "b", args.device, cfg["channels"], args.batch_size)
         # ixi: everything lives on the T1 grid (the T2 was resampled onto it), so the T1 header fits both
         h1 = nib.load(s.t1_path).header
-        h2 = nib.load(s.t2_path).header if paired else h1
+        h2 = h1 if args.layout == "ixi" else nib.load(s.t2_path).header
         slices_to_nifti(fake_t2.numpy(), r.geometry, r.t2_range, header=h2).to_filename(
             os.path.join(args.out, f"{s.id}_t1_to_t2.nii.gz"))
         slices_to_nifti(fake_t1.numpy(), r.geometry, r.t1_range, header=h1).to_filename(

@@ -6,6 +6,7 @@ Turn a dataset into a *prepared dataset* (see unit/data.py, data/README.md; NIfT
     python data/prepare.py hcp  /path/to/HCP  --out data/hcp --n-test 213
     python data/prepare.py brats /path/to/BraTS --out data/brats
     python data/prepare.py ixi  /path/to/IXI  --out data/ixi          # unpaired (not co-registered)
+    python data/prepare.py ixi  /path/to/IXI  --out data/ixi --register   # paired: T2w registered to T1w
     python data/prepare.py folders /path/to/mine --out data/mine      # t1/ + t2/ NIfTI, or trainA/... PNG
 
 NIfTI subjects are streamed one at a time (one subject in memory, output appended to disk), a
@@ -26,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import u
 
 from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
 from unit.geometry import zooms  # noqa: E402
-from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, find_subjects, prepare_subject,  # noqa: E402
-                        read_png)
+from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, REGISTRATION, find_subjects,  # noqa: E402
+                        prepare_subject, read_png)
 from unit.progress import Progress  # noqa: E402
 
 ORIENTATION = ("volumes reoriented to canonical RAS+ (nibabel); axial slices; image rows run "
@@ -79,6 +80,8 @@ def build_parser():
                    help="normalisation: brain-voxel percentiles mapped to 0 and 1; default 0.5 99.5")
     p.add_argument("--spacing", type=float, metavar="MM", help="resample every volume in-plane to MM x MM before "
                    "cropping (bilinear; through-plane untouched); default: keep each source's spacing")
+    p.add_argument("--register", action="store_true", help="ixi: register each T2w to its T1w (affine, Mattes mutual "
+                   "information, SimpleITK: pip install SimpleITK) so that the dataset is paired")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -117,7 +120,7 @@ def prepare_volumes(args, created_by):
                         f"{layout} subjects; choose 1 <= --n-test < {n}.")
     # subjects in a seeded random order; the first n_test usable ones form the test split
     order = [subjects[i] for i in np.random.default_rng(args.seed).permutation(n)]
-    paired = layout != "ixi"
+    paired = layout != "ixi" or args.register
     pct = tuple(float(v) for v in args.percentiles)
     if not 0 <= pct[0] < pct[1] <= 100:
         raise DataError(f"--percentiles must satisfy 0 <= LO < HI <= 100, got {pct}.")
@@ -131,7 +134,7 @@ def prepare_volumes(args, created_by):
             try:
                 r = prepare_subject(s, size=args.size, slices=args.slices, percentiles=pct,
                                     resample_t2=(layout == "ixi"), mask_rule=LAYOUT_MASK_RULE[layout],
-                                    spacing=args.spacing)
+                                    spacing=args.spacing, register=args.register)
             except DataError as e:
                 if args.strict:
                     raise DataError(f"subject {s.id}: {e} (--strict stops here; without it the "
@@ -149,6 +152,8 @@ def prepare_volumes(args, created_by):
             volumes[s.id] = {"split": split, "t1": _rel(s.t1_path, src), "t2": _rel(s.t2_path, src),
                              "mask": _rel(s.mask_path, src), "mask_source": r.mask_source,
                              "source_spacing": spacing, **r.geometry.to_json()}
+            if r.registration:
+                volumes[s.id]["registration"] = r.registration
             bar.update()
         bar.close()
         if used["train"] == 0 or used["test"] == 0:
@@ -177,12 +182,16 @@ def prepare_volumes(args, created_by):
             "volumes": volumes,
             "skipped": skipped,
         }
-        if layout == "ixi":
+        if args.register:
+            meta["registration"] = {"moving": "T2w", "fixed": "T1w", "method": REGISTRATION,
+                                    "result": "volumes[id]['registration']: fixed_to_moving maps T1w world (RAS mm) "
+                                              "points to T2w ones"}
+        elif layout == "ixi":
             meta["unpaired_reason"] = (
                 "IXI T1 and T2 are separate acquisitions and are not co-registered; T2 was only "
                 "resampled onto the T1's canonical grid through the two affines (trilinear, no "
                 "registration), so a T1 slice and its T2 slice show roughly, not exactly, the same "
-                "anatomy and pixel-wise paired metrics would be meaningless")
+                "anatomy and pixel-wise paired metrics would be meaningless; --register pairs them")
         path = w.finish(meta)
     inplane = sorted({tuple(v["source_spacing"][:2]) for v in volumes.values()})
     said = ", ".join(f"{a:g} x {b:g}" for a, b in inplane[:4]) + (" ..." if len(inplane) > 4 else "")
@@ -294,6 +303,9 @@ def main(argv=None):
     try:
         if args.spacing is not None and not args.spacing > 0:
             raise DataError(f"--spacing must be a positive number of mm, got {args.spacing}.")
+        if args.register and args.layout != "ixi":
+            raise DataError(f"--register is for the ixi layout (T1w and T2w acquired separately); the {args.layout} "
+                            f"layout is co-registered already.")
         if args.layout == "phantom":
             if args.spacing is not None:
                 raise DataError("--spacing is for NIfTI sources; the phantom is drawn at its --size.")
