@@ -45,7 +45,13 @@ from unit.metrics import mae, psnr, ssim_volume
 
 # the table's columns: the poster's SSIM, then PSNR, MAE, masked SSIM and the fine-detail metrics
 COLUMNS = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", "SSIM brain"),
-           ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD")]
+           ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD"), ("checker", "Checkerboard")]
+# with a brain mask, the brain comes first: on skull-stripped data the zero background that input and
+# target share makes whole-slice scores high for any output, the identity included
+BRAIN_FIRST = [("ssim_mask", "SSIM brain"), ("psnr_mask", "PSNR brain dB"), ("mae_mask", "MAE brain"), ("ssim", "SSIM"),
+               ("psnr", "PSNR dB"), ("mae", "MAE"), ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD"), ("checker", "Checkerboard")]
+CHECKER_NOTE = ("Checkerboard: share of the output's spectral energy at the Nyquist frequency (period-2 artefacts; "
+                "identity row: the input's)")
 
 
 # similarity scores with 1 = perfect, for which "a model's score / the oracle's" means something
@@ -65,10 +71,28 @@ def of_oracle(res):
                      for k, n in OF_ORACLE if k in res["T1"])
 
 
-def table(res):
+def columns(data):
+    """BRAIN_FIRST when the data has a brain mask (meta.json says so: not IXI's head mask), else COLUMNS."""
+    m = data.meta.get("mask")
+    brain = data.test_mask is not None and isinstance(m, dict) and m.get("brain_mask", m.get("source") == "phantom")
+    return BRAIN_FIRST if brain else COLUMNS
+
+
+def background_note(res):
+    """One line when the identity's whole-slice SSIM is high: then the background, not the brain, sets it."""
+    i = res["identity"]
+    if i["ssim"] < 0.3:
+        return ""
+    brain = f" (inside the brain: {i['ssim_mask']:.2f})" if "ssim_mask" in i else ""
+    return (f"note: the input itself scores whole-slice SSIM {i['ssim']:.2f} against the target{brain}: on skull-stripped "
+            f"data the zero background shared by input and target dominates whole-slice scores, so read the brain-masked "
+            f"ones")
+
+
+def table(res, cols=COLUMNS):
     """One checkpoint's results as a markdown table: its translation row, the identity row and, on the
     phantom, the oracle row, then the translation as a fraction of the oracle."""
-    keys = [k for k in COLUMNS if k[0] in res["T1"]]
+    keys = [k for k in cols if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
     rows = [("translation", res["T1"], res["T2"]), ("identity (input as output)", res["identity"], res["identity"])]
@@ -76,16 +100,18 @@ def table(res):
         rows.append((ORACLE_ROW, res["oracle"]["T1"], res["oracle"]["T2"]))
     for name, a, b in rows:
         lines.append(f"| {name} | " + " | ".join(f"{fmt(k, a[k])} | {fmt(k, b[k])}" for k, _ in keys) + " |")
+    if "target" in res:
+        lines += ["", f"{CHECKER_NOTE}; the real targets score T1 {res['target']['T1']:.4f} T2 {res['target']['T2']:.4f}."]
     if "oracle" in res:
         lines += ["", ORACLE_NOTE + ".", f"translation / oracle: {of_oracle(res)}"]
     return "\n".join(lines)
 
 
-def save_images(out_dir, t1, t2, fake_t1, fake_t2, limit=16):
-    """PNG per test slice: real T1 | T1->T2 | real T2 | T2->T1 (first `limit` slices)."""
+def save_images(out_dir, idx, t1, t2, fake_t1, fake_t2):
+    """PNG per test slice i in idx: real T1 | T1->T2 | real T2 | T2->T1."""
     from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
-    for i in range(min(limit, len(t1))):
+    for i in idx:
         row = torch.cat([t1[i], fake_t2[i], t2[i], fake_t1[i]], dim=1)
         Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(os.path.join(out_dir, f"test_{i:04d}.png"))
 
@@ -229,13 +255,14 @@ def variant(cfg):
     """A checkpoint's model variant in the poster's words, from its config."""
     parts = ["baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"]
     parts += ["+SN"] * cfg["sn"] + ["+CL"] * cfg["charbonnier"] + ["RGB"] * (cfg["channels"] == 3)
+    parts += ["resize-upsampling"] * (cfg.get("upsample", "deconv") == "resize")
     return " ".join(parts)
 
 
-def compare_table(rows, subjects, n_boot):
+def compare_table(rows, subjects, n_boot, cols=COLUMNS):
     """Markdown: one row per checkpoint (means), the identity row, then each row after the first as a
     paired difference to the first with its 95% bootstrap interval over test subjects."""
-    keys = [(k, n) for k, n in COLUMNS if k in rows[0]["res"]["T1"]]
+    keys = [(k, n) for k, n in cols if k in rows[0]["res"]["T1"]]
     head = "| checkpoint | model | epoch | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     out = [head, "|---" * (3 + 2 * len(keys)) + "|"]
     for r in rows:
@@ -244,6 +271,9 @@ def compare_table(rows, subjects, n_boot):
     ident = rows[0]["res"]["identity"]
     out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident[k])} | {fmt(k, ident[k])}"
                                                               for k, _ in keys) + " |")
+    target = rows[0]["res"].get("target")
+    if target:
+        out += ["", f"{CHECKER_NOTE}; the real targets score T1 {target['T1']:.4f} T2 {target['T2']:.4f}."]
     oracle = rows[0]["res"].get("oracle")
     if oracle:
         out.append(f"| {ORACLE_ROW} | | | " + " | ".join(f"{fmt(k, oracle['T1'][k])} | {fmt(k, oracle['T2'][k])}"
@@ -350,7 +380,10 @@ def main(argv=None):
     if data.meta["source"] == "phantom" and "oracle" not in rows[0]["res"]:
         print(f"note: {data_path} was prepared before the phantom stored its noiseless test targets, so there is "
               f"no oracle row; prepare it again (data/prepare.py phantom ... --overwrite) to see it")
-    print(table(rows[0]["res"]) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap))
+    cols = columns(data)
+    print(table(rows[0]["res"], cols) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap, cols))
+    if background_note(rows[0]["res"]):
+        print(background_note(rows[0]["res"]))
     if args.figure:
         draw_figure(args.figure, rows, stacks, idx, data.meta["slice_subject"]["test"])
     if args.json:
@@ -364,18 +397,20 @@ def main(argv=None):
                 json.dump({"data": data_path, "subjects": len(set(subjects)), "bootstrap": args.bootstrap,
                            "checkpoints": [plain(r) for r in rows]}, f, indent=2)
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, rows, cols)
     if args.save_images:
-        save_images(args.save_images, **stacks)
-        print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1)")
+        shown = figure_slices(data, rows[0]["res"]["n"], subjects, k=16)   # the slices with most brain, 16 subjects
+        save_images(args.save_images, shown, **stacks)
+        print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1; the slice with the most "
+              f"brain of {len(shown)} test subjects, drawn with seed 0)")
     return rows[0]["res"] if len(rows) == 1 else rows
 
 
-def write_csv(path, rows):
+def write_csv(path, rows, cols=COLUMNS):
     """One line per checkpoint: variant, epoch, every mean, and for rows after the first the paired
     difference to the first with its interval (columns d_<metric>_<T1|T2>, _lo, _hi)."""
     import csv
-    keys = [k for k, _ in COLUMNS if k in rows[0]["res"]["T1"]]
+    keys = [k for k, _ in cols if k in rows[0]["res"]["T1"]]
     head = ["ckpt", "model", "epoch"] + [f"{k}_{c}" for k in keys for c in ("T1", "T2")] + \
         [f"d_{k}_{c}{e}" for k in keys for c in ("T1", "T2") for e in ("", "_lo", "_hi")]
     with open(path, "w", newline="") as f:

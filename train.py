@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unit import UserError, checkpoint
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
-from unit.evaluation import evaluate, from_model, to_model
+from unit.evaluation import evaluate, figure_slices, from_model, to_model
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
-from unit.model import ATTN_CHOICES
+from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
 from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
 
@@ -52,7 +52,7 @@ class Config:
     data: str = opt("", "prepared dataset folder (data/prepare.py); empty = the built-in phantom, "
                         "prepared on first use under data/")
     size: str = opt("304x256", "HxW of the built-in phantom (not with --data: the data sets the size)")
-    out: str = opt("", "run folder (default runs/<attn>[-sn][-cl][-rgb])")
+    out: str = opt("", "run folder (default runs/<attn>[-sn][-cl][-rgb][-resize])")
     # model (the poster's table)
     attn: str = opt("none", "where to put SAGAN self-attention", choices=ATTN_CHOICES)
     sn: bool = opt(False, "spectral norm on every conv of encoders, generators and discriminators")
@@ -60,6 +60,8 @@ class Config:
     charbonnier_eps: float = opt(1e-3, "epsilon of the Charbonnier penalty sqrt(x^2 + eps^2)")
     channels: int = opt(1, "1 = grayscale, 3 = the slice repeated to RGB (the poster's RGB baseline)",
                         choices=(1, 3))
+    upsample: str = opt("deconv", "generator upsampling: deconv = the poster's DCONV(K3, S2), which draws a "
+                                  "checkerboard; resize = nearest x2 + conv3", choices=UPSAMPLE_CHOICES)
     width: int = opt(64, "channels of the first conv; all widths scale with it (poster: 64)")
     # objective (UNIT's weights) and optimiser (the poster's Adam)
     w_gan: float = opt(10.0, "weight of the GAN terms")
@@ -176,7 +178,7 @@ def check_config(cfg, given):
                         f"pass --device cuda (or nothing), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if not cfg["out"]:
         cfg["out"] = "runs/" + "-".join([cfg["attn"]] + ["sn"] * cfg["sn"] + ["cl"] * cfg["charbonnier"] +
-                                        ["rgb"] * (cfg["channels"] == 3))
+                                        ["rgb"] * (cfg["channels"] == 3) + ["resize"] * (cfg["upsample"] == "resize"))
     return h, w
 
 
@@ -236,13 +238,16 @@ def latent_noise(gen, seed, step, draw, shape, rank):
 
 
 def sample_grid(model, data, cfg, path, n=4):
-    """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for the first n test pairs (model in eval mode)."""
+    """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for n test slices (model in eval mode): the slice with
+    the most brain of n test subjects drawn with seed 0, the same at every epoch so grids compare."""
     from PIL import Image
+    idx = figure_slices(data, len(data.test_t1), k=n, seed=0)
+    idx_b = [i % len(data.test_t2) for i in idx]            # unpaired data may have fewer T2 slices
     was = model.training
     model.eval()
     with torch.no_grad():
         dev, ch = next(model.parameters()).device, cfg["channels"]
-        x_a, x_b = to_model(data.test_t1[:n], ch, dev), to_model(data.test_t2[:n], ch, dev)
+        x_a, x_b = to_model(data.test_t1[idx], ch, dev), to_model(data.test_t2[idx_b], ch, dev)
         x_ab, x_ba = model.translate(x_a, "a"), model.translate(x_b, "b")
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
         grid = torch.cat([torch.cat(list(from_model(r)), dim=1) for r in rows], dim=0)

@@ -64,6 +64,7 @@ def test_evaluate_several_checkpoints(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Paired differences to the first row" in r.stdout and "3 test subjects" in r.stdout
     assert "| oracle (noiseless target) |" in r.stdout
+    assert "Checkerboard T1 | Checkerboard T2" in r.stdout and "the real targets score T1 0.0" in r.stdout
     res = json.load(open(tmp_path / "t.json"))["checkpoints"]
     o = res[1]["res"]
     assert f"- {last}: SSIM T1 {o['T1']['ssim'] / o['oracle']['T1']['ssim']:.2f} T2" in r.stdout
@@ -103,3 +104,45 @@ def test_oracle_row_equals_an_independent_recomputation(tmp_path):
         # subjects), far above the identity; and the brain alone is cleaner than the mostly dark slice
         assert res["identity"]["ssim"] < res["oracle"][c]["ssim"] < 0.95 < 1
         assert res["oracle"][c]["ssim_mask"] > res["oracle"][c]["ssim"]
+
+
+def test_figure_slices_pick_the_most_brain_of_distinct_subjects(tmp_path):
+    from unit.data import write_prepared
+    from unit.evaluation import figure_slices
+    r = np.random.default_rng(0)
+    n = 30
+    subjects = [f"s{i // 5}" for i in range(n)]                        # 6 subjects x 5 slices
+    area = r.permutation(n) + 1                                         # brain pixels per slice, all different
+    mask = np.zeros((n, 8, 8), bool)
+    for i, a in enumerate(area):
+        mask[i].flat[:a] = True
+    a = [r.random((k, 8, 8)).astype(np.float32) for k in (4, 4, n, n)]
+    d = write_prepared(str(tmp_path / "d"), *a, {"source": "t", "slice_subject": {"train": ["t"] * 4, "test": subjects}},
+                       np.zeros((4, 8, 8), bool), mask)
+    from unit.data import load_prepared
+    data = load_prepared(d)
+    idx = figure_slices(data, n, k=4, seed=0)
+    assert len({subjects[i] for i in idx}) == 4                         # spread over subjects
+    for i in idx:
+        same = [j for j in range(n) if subjects[j] == subjects[i]]
+        assert area[i] == max(area[j] for j in same)                    # that subject's slice with most brain
+    assert figure_slices(data, n, k=4, seed=0) == idx                   # fixed: grids of all epochs compare
+    assert [subjects[i] for i in figure_slices(data, n, subjects=["s5", "s1"])] == ["s5", "s1"]
+
+
+def test_brain_first_columns_and_the_background_note(tmp_path):
+    import evaluate as E
+    from unit.data import load_prepared
+    d = str(tmp_path / "phantom")
+    prepare_phantom(d, n_train=2, n_test=2, slices=1, size=(64, 64), progress=False)
+    data = load_prepared(d)
+    assert E.columns(data)[0] == ("ssim_mask", "SSIM brain")             # the phantom's mask is intracranial
+    data.meta["mask"] = {"brain_mask": False}                              # e.g. IXI's head (foreground) mask
+    assert E.columns(data) == E.COLUMNS
+    data.test_mask = None
+    data.meta["mask"] = {"brain_mask": True}
+    assert E.columns(data) == E.COLUMNS                                   # no mask stored: nothing to lead with
+    # the skull-stripped BraTS case: identity whole 0.69, brain 0.075 -> one line saying why
+    note = E.background_note({"identity": {"ssim": 0.69, "ssim_mask": 0.075}})
+    assert "SSIM 0.69" in note and "(inside the brain: 0.07)" in note and "\n" not in note
+    assert E.background_note({"identity": {"ssim": 0.0994, "ssim_mask": -0.32}}) == ""   # the phantom: none

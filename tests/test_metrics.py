@@ -164,3 +164,33 @@ def test_gmsd_known_values():
     # a constant offset leaves every gradient unchanged away from the zero-padded border
     flat = torch.full((1, 40, 40), 0.3, dtype=torch.float64)
     assert gmsd(flat + 0.1, flat).item() > 0                                 # the border sees the offset
+
+
+def test_checkerboard_score_known_cases_and_numpy():
+    from unit.metrics import checkerboard
+    r, c = np.arange(64)[:, None], np.arange(48)[None]
+    cases = np.stack([((r + c) % 2) * np.ones((64, 48)),                 # a checkerboard
+                      (c % 2) * np.ones((64, 48)),                       # stripes: period 2 along one axis
+                      np.exp(-((r - 30.0) ** 2 + (c - 20.0) ** 2) / 200),  # smooth
+                      np.full((64, 48), 0.3)])                           # constant
+    got = checkerboard(torch.from_numpy(cases)).numpy()
+    assert got[0] == pytest.approx(1, abs=1e-6) and got[1] == pytest.approx(1, abs=1e-6)
+    assert got[2] < 1e-4 and got[3] == 0
+    # a period-2 artefact on a smooth image: the score is the artefact's share of the energy, which
+    # Parseval gives from sums of squares (the two are orthogonal up to the blob's ~0 Nyquist energy)
+    art, blob = 0.05 * (cases[0] - 0.5), cases[2] - cases[2].mean()
+    share = (art ** 2).sum() / ((art ** 2).sum() + (blob ** 2).sum())
+    assert checkerboard(torch.from_numpy((cases[2] + art)[None])).item() == pytest.approx(share, rel=1e-3)
+    # random images, odd sizes too, against the definition written out with a DFT matrix in float64
+    rng = np.random.default_rng(0)
+    for shape in ((20, 16), (21, 17)):
+        x = rng.random((3,) + shape)
+        H, W = shape[0] // 2 * 2, shape[1] // 2 * 2
+        y = x[:, :H, :W] - x[:, :H, :W].mean(axis=(1, 2), keepdims=True)
+        Fh = np.exp(-2j * np.pi * np.outer(np.arange(H), np.arange(H)) / H)
+        Fw = np.exp(-2j * np.pi * np.outer(np.arange(W), np.arange(W)) / W)
+        e = np.abs(Fh @ y @ Fw.T) ** 2
+        nyq = np.zeros((H, W), bool)
+        nyq[H // 2, :] = nyq[:, W // 2] = True
+        want = e[:, nyq].sum(1) / e.sum(axis=(1, 2))
+        np.testing.assert_allclose(checkerboard(torch.from_numpy(x)).numpy(), want, rtol=1e-5)

@@ -175,3 +175,37 @@ def test_spectral_norm_fp32_is_torchs_outside_autocast_and_fp32_inside(device):
     assert y.dtype == torch.bfloat16
     for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_resize_upsampling_draws_no_checkerboard():
+    """On a constant input, a stride-2 K3 transposed conv gives even and odd output pixels different
+    numbers of kernel taps, so its output alternates with period 2 (Odena et al. 2016); nearest x2 + conv3
+    gives a constant. Measured with unit.metrics.checkerboard on the interior (borders see the padding)."""
+    from unit.metrics import checkerboard
+    from unit.model import upsample2
+    torch.manual_seed(0)
+    x = torch.ones(1, 8, 16, 16)
+    for how, lo, hi in (("deconv", 0.5, 1.0), ("resize", 0.0, 1e-9)):
+        y = upsample2(8, 4, how)(x).detach()[0, :, 2:-2, 2:-2]          # (4, 28, 28)
+        assert y.shape == (4, 28, 28)
+        score = checkerboard(y)
+        assert ((score >= lo) & (score <= hi)).all(), (how, score)
+
+
+@pytest.mark.parametrize("attn", ["generator", "both"])
+def test_resize_upsampling_with_sn_and_attention_round_trips(attn, tmp_path):
+    from unit import checkpoint
+    torch.manual_seed(0)
+    m = UNIT(width=4, attn=attn, sn=True, upsample="resize").eval()
+    x = torch.rand(2, 1, 64, 48) * 2 - 1
+    y = m.translate(x, "a")
+    assert y.shape == x.shape
+    assert isinstance(m.gen_a.net[5], SelfAttention)                   # after the first upsampling, as deconv
+    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize"}
+    m2 = checkpoint.build_model(cfg).eval()
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.translate(x, "a"), y)
+    with pytest.raises(RuntimeError):                                  # a deconv model cannot take these weights
+        checkpoint.build_model({**cfg, "upsample": "deconv"}).load_state_dict(m.state_dict())
+    old = checkpoint.build_model({k: v for k, v in cfg.items() if k != "upsample"})   # configs from before
+    assert isinstance(old.gen_a.net[3], torch.nn.ConvTranspose2d)                       # --upsample: deconv

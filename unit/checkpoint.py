@@ -53,7 +53,8 @@ def load(path, map_location="cpu"):
 
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
-    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"])
+    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"],
+                upsample=cfg.get("upsample", "deconv"))   # checkpoints before --upsample: deconv
 
 
 def load_model(path, device="cpu"):

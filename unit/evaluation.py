@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from unit import UserError
-from unit.metrics import gmsd, mae, ms_ssim, psnr, ssim
+from unit.metrics import checkerboard, gmsd, mae, ms_ssim, psnr, ssim
 
 
 def to_model(x01, channels, device, non_blocking=False):
@@ -35,9 +35,9 @@ def translate(model, images, src, device, channels, batch_size=16):
 def per_slice(pred, real, mask):
     """Every metric per slice, {name: (n,) float64 array}: SSIM / PSNR / MAE over the whole slice and
     inside the mask (if any; NaN where a slice's mask is empty), MS-SSIM and GMSD (whole slice,
-    lower GMSD is better)."""
+    lower GMSD is better), and the checkerboard score of pred itself (lower is better)."""
     r = {"ssim": ssim(pred, real), "psnr": psnr(pred, real), "mae": mae(pred, real),
-         "ms_ssim": ms_ssim(pred, real), "gmsd": gmsd(pred, real)}
+         "ms_ssim": ms_ssim(pred, real), "gmsd": gmsd(pred, real), "checker": checkerboard(pred)}
     if mask is not None:
         r.update(ssim_mask=ssim(pred, real, mask), psnr_mask=psnr(pred, real, mask), mae_mask=mae(pred, real, mask))
     return {k: v.double().cpu().numpy() for k, v in r.items()}
@@ -81,7 +81,8 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None):
     model.train(was_training)
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
     res = {"n": n, "T1": means(slices["T1"]), "T2": means(slices["T2"]),
-           "identity": means(per_slice(t2, t1, mask))}  # symmetric metrics: one row serves both columns
+           "identity": means(per_slice(t2, t1, mask)),  # symmetric metrics: one row serves both columns
+           "target": {"T1": float(checkerboard(t1).mean()), "T2": float(checkerboard(t2).mean())}}
     if data.test_t1_clean is not None:   # the phantom: its noiseless targets scored as the translation
         clean = {q: torch.from_numpy(np.asarray(a[:n], dtype=np.float32))
                  for q, a in (("T1", data.test_t1_clean), ("T2", data.test_t2_clean))}

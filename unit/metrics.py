@@ -1,4 +1,5 @@
-"""SSIM, MS-SSIM, GMSD, PSNR and MAE on batched images in [0, 1], in torch (CPU or GPU).
+"""SSIM, MS-SSIM, GMSD, PSNR, MAE and a checkerboard score on batched images in [0, 1], in torch
+(CPU or GPU).
 
 SSIM is Wang et al. 2004 with the usual settings: 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
 K2 = 0.03, data range 1, population (not sample) covariance, averaged over the 'valid' region
@@ -154,3 +155,20 @@ def psnr(x, y, mask=None):
     """Peak signal-to-noise ratio in dB per image or volume (B,), data range 1, optionally in a mask."""
     mse = _mean_per_item((x.double() - y.double()).pow(2), mask)
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-20))).float()
+
+
+def checkerboard(x):
+    """The checkerboard score of images x (B, H, W): the share of their spectral energy at the Nyquist
+    frequency along either axis, (B,) in [0, 1]. Exactly: the mean of each image is removed, E(ky, kx)
+    = |FFT2|^2 over the integer frequency bins ky in [0, H), kx in [0, W), and the score is the sum of E
+    over the bins with ky = H/2 or kx = W/2 (the Nyquist row and column, counted once where they
+    cross) divided by the sum of E over all bins. A period-2 pattern along either axis lives entirely
+    there (score 1); smooth anatomy has almost none (real MRI ~0.001). Odd sides have no Nyquist bin:
+    their last row/column is dropped first. A constant image scores 0."""
+    x = x.double()
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    H, W = x.shape[-2:]
+    e = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs() ** 2
+    nyq = e[..., H // 2, :].sum(-1) + e[..., :, W // 2].sum(-1) - e[..., H // 2, W // 2]
+    total = e.sum(dim=(-2, -1))
+    return torch.where(total > 0, nyq / total.clamp_min(1e-300), torch.zeros_like(total)).float()

@@ -7,6 +7,7 @@ Shapes at 304x256 (H x W), width w=64, one image:
            -> shared ResBlock -> mu (1, 512, 76, 64)
   Generator z -> shared ResBlock -> 3 ResBlocks (512) -> dconv3/2 (256, 152x128) [-> SelfAttention(256),
            N = 19456] -> dconv3/2 (128, 304x256) -> dconv1 (ch) -> tanh
+           (--upsample resize: each dconv3/2 becomes nearest x2 + conv3, same channels)
   Discriminator x -> 5 x conv3/2 (64..1024, 10x8) -> conv2 (1) -> logits (1, 1, 9, 7)
 """
 import torch
@@ -17,6 +18,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 from unit.attention import SelfAttention
 
 ATTN_CHOICES = ("none", "encoder", "generator", "both")
+UPSAMPLE_CHOICES = ("deconv", "resize")
 
 
 def lrelu():
@@ -55,16 +57,28 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
+def upsample2(cin, cout, how):
+    """x2 upsampling: 'deconv' is the poster's DCONV(K3, S2), a transposed convolution whose kernel (3) is
+    not divisible by its stride (2), so output pixels of even and odd positions get different numbers
+    of kernel taps: the checkerboard of Odena et al. 2016. 'resize' is nearest-neighbour x2 then a 3x3
+    convolution with the same channel counts, which treats every output pixel alike (as MUNIT does)."""
+    if how == "deconv":
+        return nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1)
+    if how == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1))
+    raise ValueError(f"upsample must be one of {UPSAMPLE_CHOICES}, got {how!r}")
+
+
 class Generator(nn.Module):
     """Domain-specific part of a generator: features (B, 8w, H/4, W/4) -> image (B, ch, H, W) in [-1, 1]."""
 
-    def __init__(self, channels, w, attn):
+    def __init__(self, channels, w, attn, upsample="deconv"):
         super().__init__()
         layers = [ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w),
-                  nn.ConvTranspose2d(8 * w, 4 * w, 3, 2, 1, output_padding=1), lrelu()]
+                  upsample2(8 * w, 4 * w, upsample), lrelu()]
         if attn:
             layers.append(SelfAttention(4 * w))
-        layers += [nn.ConvTranspose2d(4 * w, 2 * w, 3, 2, 1, output_padding=1), lrelu(),
+        layers += [upsample2(4 * w, 2 * w, upsample), lrelu(),
                    nn.ConvTranspose2d(2 * w, channels, 1, 1, 0), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -117,7 +131,7 @@ class UNIT(nn.Module):
     """Two VAE-GANs sharing the last encoder block and the first generator block (the shared
     latent space). Domain a = T1w, domain b = T2w. Images in [-1, 1]."""
 
-    def __init__(self, channels=1, width=64, attn="none", sn=False):
+    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv"):
         super().__init__()
         if attn not in ATTN_CHOICES:
             raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
@@ -126,7 +140,7 @@ class UNIT(nn.Module):
         self.enc_a, self.enc_b = Encoder(channels, w, ea), Encoder(channels, w, ea)
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
-        self.gen_a, self.gen_b = Generator(channels, w, ga), Generator(channels, w, ga)
+        self.gen_a, self.gen_b = Generator(channels, w, ga, upsample), Generator(channels, w, ga, upsample)
         self.dis_a, self.dis_b = Discriminator(channels, w), Discriminator(channels, w)
         if sn:
             apply_spectral_norm(self)
