@@ -2,6 +2,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 # Tests import the top-level scripts (train.py, evaluate.py) and unit/ from the repository root.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -16,3 +18,14 @@ os.environ["UNIT_ATTN_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="unit-attn-
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda_emu: csrc/attention.cu run on the CPU by the CUDA emulator "
                                        "(tests/cuda_emu); run alone with -m cuda_emu")
+
+
+def rotation(axis, deg):
+    """3x3 rotation by deg degrees about array axis 0, 1 or 2 (tests that move volumes: `from conftest import
+    rotation`)."""
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R

@@ -13,6 +13,7 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is an optional dependency (pip install SimpleITK); "
                                                "requirements.txt installs it for the tests")
+from conftest import rotation  # noqa: E402
 from unit.nifti import register_affine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +21,6 @@ _r = np.random.default_rng(5)
 BLOBS = [(_r.uniform(-35, 35, 3) * [1, 1.2, 0.8], _r.uniform(3, 6), _r.uniform(-1, 1), _r.uniform(-1, 1))
          for _ in range(24)]
 CORNERS = np.array([[x, y, z] for x in (-40, 40) for y in (-50, 50) for z in (-35, 35)], float)
-
-
-def rot(axis, deg):
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
 
 
 def anatomy(q, contrast):
@@ -73,7 +65,7 @@ def pair(R, t, t2_shape, t2_zoom, t1_shape=(84, 100, 76), t1_zoom=(1.5, 1.5, 1.5
 @pytest.mark.parametrize("t2_shape,t2_zoom", [((84, 100, 76), (1.5, 1.5, 1.5)), ((64, 76, 46), (2.0, 2.0, 2.5))],
                          ids=["same-voxels", "different-voxels"])
 def test_known_rotation_and_translation_are_recovered(t2_shape, t2_zoom):
-    R, t = rot(2, 7) @ rot(0, -5), np.array([4.0, -6.0, 3.0])
+    R, t = rotation(2, 7) @ rotation(0, -5), np.array([4.0, -6.0, 3.0])
     t1, A1, t2, A2 = pair(R, t, t2_shape, t2_zoom)
     out, info = register_affine(t1, A1, t2, A2)
     assert out.shape == t1.shape
@@ -92,8 +84,8 @@ def test_known_rotation_and_translation_are_recovered(t2_shape, t2_zoom):
 def test_prepare_ixi_register_is_paired_and_aligned(tmp_path):
     """Three IXI trees of the same two heads: T2w moved (prepared with and without --register) and T2w not
     moved (prepared without: its slices are what a perfect registration gives)."""
-    moves = {"IXI001-Guys-0001": (rot(2, 6), np.array([5.0, -4.0, 2.0])),
-             "IXI002-HH-0002": (rot(0, -5), np.array([-3.0, 5.0, 4.0]))}
+    moves = {"IXI001-Guys-0001": (rotation(2, 6), np.array([5.0, -4.0, 2.0])),
+             "IXI002-HH-0002": (rotation(0, -5), np.array([-3.0, 5.0, 4.0]))}
     for tree in ("moved", "still"):
         for q in ("T1", "T2"):
             (tmp_path / tree / f"IXI-{q}").mkdir(parents=True)

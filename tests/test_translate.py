@@ -12,19 +12,11 @@ import pytest
 from PIL import Image
 
 import translate as T
+from conftest import rotation
 from unit import UserError
 from unit.data import prepare_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rotation(axis, deg):
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
 
 
 AFFINES = {
