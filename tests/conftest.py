@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -29,3 +30,13 @@ def rotation(axis, deg):
     R = np.eye(3)
     R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
     return R
+
+
+def train_tiny(data, out, steps, *flags):
+    """train.py on a small prepared dataset for `steps` steps (width 4, batch 2, CPU, naive attention, no
+    evaluation), as a subprocess like a user's run; returns the path of its ckpt.pt."""
+    r = subprocess.run([sys.executable, "train.py", "--data", str(data), "--out", str(out), "--full", "--width", "4",
+                        "--batch-size", "2", "--device", "cpu", "--eval-every", "0", "--max-steps", str(steps), *flags],
+                       cwd=ROOT, env={**os.environ, "UNIT_ATTN": "naive"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return os.path.join(str(out), "ckpt.pt")

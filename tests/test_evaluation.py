@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import train_tiny
 from skimage.metrics import structural_similarity
 
 from unit.data import load_prepared, prepare_phantom
@@ -53,11 +54,8 @@ def test_evaluate_several_checkpoints(tmp_path):
     data = str(tmp_path / "phantom")
     prepare_phantom(data, n_train=4, n_test=3, slices=1, size=(64, 64), seed=0, progress=False)
     env = {**os.environ, "UNIT_ATTN": "naive"}
-    r = subprocess.run([sys.executable, "train.py", "--data", data, "--out", str(tmp_path / "run"), "--full", "--width",
-                        "4", "--batch-size", "2", "--device", "cpu", "--eval-every", "0", "--max-steps", "3",
-                        "--save-epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    first, last = str(tmp_path / "run" / "ckpt_e001.pt"), str(tmp_path / "run" / "ckpt.pt")
+    last = train_tiny(data, tmp_path / "run", 3, "--save-epochs", "1")
+    first = str(tmp_path / "run" / "ckpt_e001.pt")
     r = subprocess.run([sys.executable, "evaluate.py", first, last, first, "--csv", str(tmp_path / "t.csv"),
                         "--json", str(tmp_path / "t.json")], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)

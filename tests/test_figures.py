@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train_tiny
+
 from unit.attention import SelfAttention, attention_reference, attention_weights
 from unit.data import prepare_phantom
 from unit.figures import MAGMA, colormap, translation_figure
@@ -85,11 +87,7 @@ def test_evaluate_figure_and_attention_maps(tmp_path):
     data = str(tmp_path / "phantom")
     prepare_phantom(data, n_train=4, n_test=4, slices=1, size=(64, 64), seed=0, progress=False)
     env = {**os.environ, "UNIT_ATTN": "naive"}
-    r = subprocess.run([sys.executable, "train.py", "--data", data, "--out", str(tmp_path / "run"), "--full", "--width",
-                        "4", "--batch-size", "2", "--device", "cpu", "--eval-every", "0", "--max-steps", "2",
-                        "--attn", "both"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    ckpt = train_tiny(data, tmp_path / "run", 2, "--attn", "both")
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, ckpt, "--figure", str(tmp_path / "f.png"),
                         "--subjects", "phantom-0005,phantom-0007"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import translate as T
-from conftest import rotation
+from conftest import rotation, train_tiny
 from unit import UserError
 from unit.data import prepare_phantom
 
@@ -41,12 +41,7 @@ def head(shape=(30, 34, 14), seed=0):
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     prepare_phantom(str(d / "data"), n_train=2, n_test=1, slices=1, size=(64, 64), progress=False)
-    r = subprocess.run([sys.executable, "train.py", "--data", str(d / "data"), "--out", str(d / "run"), "--full",
-                        "--width", "4", "--batch-size", "2", "--device", "cpu", "--eval-every", "0", "--max-steps",
-                        "1"], cwd=ROOT, env={**os.environ, "UNIT_ATTN": "naive"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr
-    return str(d / "run" / "ckpt.pt")
+    return train_tiny(d / "data", d / "run", 1)
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
