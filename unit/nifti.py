@@ -14,7 +14,7 @@ import numpy as np
 
 from unit.data import DataError
 from unit.geometry import (SliceGeometry, _overlap, brain_window, central_slices, crop_or_pad_slices,
-                           resample_inplane, resample_to_grid, to_canonical)
+                           resample_inplane, resample_to_grid, to_canonical, zooms)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def _sitk_image(sitk, vol, affine):
     NIfTI's RAS+ (not ITK's LPS): both images use it, and the transform found is then in RAS mm."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(vol, np.float32).transpose(2, 1, 0)))
     a = np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((a[:3, :3] ** 2).sum(0))
+    spacing = np.array(zooms(a))
     img.SetSpacing([float(v) for v in spacing])
     img.SetOrigin([float(v) for v in a[:3, 3]])
     img.SetDirection([float(v) for v in (a[:3, :3] / spacing).flatten()])
@@ -321,8 +321,7 @@ def load_volume_pair(subject, resample_t2=False, register=False) -> VolumePair:
             raise DataError(f"mask {subject.mask_path} does not lie on the grid of T1 {subject.t1_path} "
                             f"(shape {m.shape}); use the mask that belongs to this T1, or remove it.")
         maskc = to_canonical(m > 0, a1)[0]
-    zooms = tuple(float(z) for z in np.sqrt((a1[:3, :3] ** 2).sum(0)))
-    info = SourceInfo(str(subject.t1_path), str(subject.t2_path), source_shape, a1, ornt, zooms,
+    info = SourceInfo(str(subject.t1_path), str(subject.t2_path), source_shape, a1, ornt, zooms(a1),
                       h1, h2, bool(resample_t2 or register))
     return VolumePair(t1c, t2c, maskc, ac, info, registration)
 
