@@ -142,7 +142,8 @@ def resolve_config(given, full, resume, world=1):
     if device == "cpu" and not full:
         preset = {k: v for k, v in CPU_PRESET.items() if k not in given}
         cfg.update(preset)
-        note = ("no CUDA: reduced CPU preset " + ", ".join(f"{k}={v}" for k, v in preset.items()) +
+        shown = {k: v for k, v in preset.items() if k != "size" or not given.get("data")}  # data sets the size
+        note = ("no CUDA: reduced CPU preset " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
                 " (pass --full for the poster configuration)")
     cfg.update(given)
     cfg["device"] = device

@@ -149,6 +149,17 @@ def test_evaluate_refuses_unpaired_data_with_the_reason(tiny_data, tmp_path):
     assert r.returncode == 2 and "not paired" in r.stderr and "co-registered" in r.stderr, r.stderr
 
 
+def test_config_precedence_flags_over_cpu_preset_over_defaults():
+    cfg, _, note = train.resolve_config({"width": 16}, full=False, resume=None)
+    assert cfg["width"] == 16 and cfg["batch_size"] == train.CPU_PRESET["batch_size"] and cfg["device"] == "cpu"
+    assert "size=96x80" in note and "width" not in note        # the note lists what the preset set
+    # with --data the prepared slices decide the size, so the note does not claim the preset's
+    _, _, note = train.resolve_config({"data": "d"}, full=False, resume=None)
+    assert "size=96x80" not in note and "batch_size=4" in note
+    cfg, _, note = train.resolve_config({}, full=True, resume=None)
+    assert cfg["width"] == train.Config().width and note == "poster settings"
+
+
 def test_batch_order_is_a_function_of_seed_epoch_domain():
     import numpy as np
     a = train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a")
