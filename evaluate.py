@@ -4,6 +4,7 @@
     python evaluate.py runs/*/ckpt_e075.pt [--csv FILE]     # one row per checkpoint, differences with CIs
     python evaluate.py runs/none/ckpt.pt runs/encoder-sn-cl/ckpt.pt --figure cmp.png   # qualitative figure
     python evaluate.py runs/encoder-sn-cl/ckpt.pt --attention-maps runs/encoder-sn-cl/attention
+    python evaluate.py runs/none/ckpt.pt runs/none-resize/ckpt.pt --spectra spectra.png   # checkerboards
     python evaluate.py runs/NAME/ckpt.pt --volumes SRC --layout hcp --out DIR   # whole NIfTI volumes
 
 Reports, as in the poster's table, "T1" = T2w->T1w translation scored against the real T1w and
@@ -21,7 +22,9 @@ interval resampling test *subjects* (their slices are not independent), 2000 res
 checkpoint's translation with its SSIM and the real target in both directions, with the absolute
 error under each translation on a fixed colour scale. --attention-maps draws, for one test slice and
 a few query points, the attention weights of every self-attention layer the translation runs through,
-and lists each layer's learned gamma (unit/figures.py draws both, with Pillow).
+and lists each layer's learned gamma. --spectra draws, per direction, where the real targets and each
+checkpoint's translations put their energy in frequency (mean over the test slices), the picture of
+the Checkerboard column (unit/figures.py draws all three, with Pillow).
 
 With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
 slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the
@@ -40,7 +43,7 @@ from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
 from unit.evaluation import evaluate, figure_slices, paired_bootstrap, to_model, translate
-from unit.metrics import mae, psnr, ssim_volume
+from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
 
 # the table's columns: the poster's SSIM, then PSNR, MAE, masked SSIM and the fine-detail metrics
@@ -202,6 +205,22 @@ def draw_figure(path, rows, stacks, idx, subjects):
     print(f"figure: {path} ({len(idx)} test subjects x 2 directions; error maps from 0 to 0.25)")
 
 
+def mean_spectrum(x, chunk=256):
+    """unit.metrics.energy_spectrum averaged over the slices x (n, H, W), in chunks (float64 FFTs)."""
+    return sum(energy_spectrum(x[i:i + chunk]).sum(0) for i in range(0, len(x), chunk)).numpy() / len(x)
+
+
+def draw_spectra(path, rows, stacks):
+    """The spectra figure (unit.figures.spectrum_figure): real targets and each checkpoint's translations."""
+    from unit.figures import spectrum_figure
+    spec = [{"label": f"{src}w -> {dst}w", "target": mean_spectrum(stacks[dst.lower()]),
+             "target_score": rows[0]["res"]["target"][c], "outputs": [r["spectra"][c] for r in rows],
+             "scores": [r["res"][c]["checker"] for r in rows]} for c, src, dst in (("T2", "T1", "T2"), ("T1", "T2", "T1"))]
+    n = rows[0]["res"]["n"]
+    spectrum_figure(path, spec, [run_label(r["ckpt"], r["epoch"]) for r in rows], n)
+    print(f"spectra: {path} (mean share of the energy per frequency bin over {n} test slices, log scale)")
+
+
 def default_queries(mask, image):
     """Four query points inside the brain's bounding box (the mask's, else the image's bright part):
     its centre and three points towards its front-left, front-right and back."""
@@ -313,6 +332,8 @@ def main(argv=None):
     f.add_argument("--attention-maps", metavar="DIR", help="attention weights of chosen query points of one test "
                                                            "slice, per attention layer, and each layer's gamma "
                                                            "(one checkpoint with --attn)")
+    f.add_argument("--spectra", metavar="FILE.png", help="per direction, the mean energy spectrum of the real "
+                   "targets and of each checkpoint's translations (log scale): where a checkerboard shows")
     f.add_argument("--queries", help="query pixels for --attention-maps as 'row,col row,col ...' (default: 4 "
                                      "points inside the brain)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -327,6 +348,9 @@ def main(argv=None):
     if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
                         "per checkpoint")
+    for flag, png in (("--figure", args.figure), ("--spectra", args.spectra)):   # fail now, not after scoring
+        if png and (not png.lower().endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(png)))):
+            raise UserError(f"{flag} {png}: give a .png file in an existing folder")
     try:
         queries = [tuple(int(v) for v in q.split(",")) for q in args.queries.split()] if args.queries else None
     except ValueError:
@@ -367,6 +391,8 @@ def main(argv=None):
             idx = figure_slices(data, res["n"], subjects)
         if args.figure:   # keep only the figure's slices of each checkpoint's translations
             rows[-1]["figure"] = {k: {i: stacks[k][i] for i in idx} for k in ("fake_t1", "fake_t2")}
+        if args.spectra:
+            rows[-1]["spectra"] = {"T1": mean_spectrum(stacks["fake_t1"]), "T2": mean_spectrum(stacks["fake_t2"])}
         if args.attention_maps:
             draw_attention_maps(args.attention_maps, model, cfg, data, idx[0], queries, args.device)
         del model
@@ -386,8 +412,10 @@ def main(argv=None):
         print(background_note(rows[0]["res"]))
     if args.figure:
         draw_figure(args.figure, rows, stacks, idx, data.meta["slice_subject"]["test"])
+    if args.spectra:
+        draw_spectra(args.spectra, rows, stacks)
     if args.json:
-        plain = lambda r: {k: v for k, v in r.items() if k not in ("slices", "figure")}
+        plain = lambda r: {k: v for k, v in r.items() if k not in ("slices", "figure", "spectra")}
         with open(args.json, "w") as f:
             if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
                 r = rows[0]

@@ -1,6 +1,6 @@
 """Attention maps (SelfAttention.weights and the attention_weights hook) against the reference op and the
 module's own forward pass, the figures' pixels against their stated colour scale, and evaluate.py's
---figure / --attention-maps end to end."""
+--figure / --attention-maps / --spectra end to end."""
 import json
 import os
 import subprocess
@@ -15,7 +15,7 @@ from conftest import train_tiny
 
 from unit.attention import SelfAttention, attention_reference, attention_weights
 from unit.data import prepare_phantom
-from unit.figures import MAGMA, colormap, translation_figure
+from unit.figures import MAGMA, colormap, scale_for, spectrum_figure, translation_figure
 from unit.model import UNIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,16 +83,40 @@ def test_colormap_stops_and_translation_figure_pixels(tmp_path):
     assert off.size and np.abs(off - MAGMA[-1]).max() <= 6      # |error| >= 0.25: the top of the scale
 
 
+def test_spectrum_figure_centres_dc_and_puts_nyquist_on_the_top_and_left_edges(tmp_path):
+    H, W = 64, 48
+    s = scale_for((H, W))
+    spec = np.zeros((H, W))
+    spec[H // 2, 0] = 1e-2        # (ky, kx) = (Nyquist, 0): a horizontal-stripe pattern -> top row, centre column
+    other = np.zeros((H, W))
+    other[1, W // 2] = 1e-2       # (1, Nyquist) -> one row below the centre, left column
+    rows = [{"label": "x", "target": spec, "target_score": 1.0, "outputs": [other], "scores": [1.0]}]
+    path = str(tmp_path / "s.png")
+    spectrum_figure(path, rows, ["run"], n=1, lo=-8, hi=-2)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    lw, th, cw = 118, 22, W * s + 2
+    assert img.shape == (th + H * s + 2 + 40, lw + 2 * cw, 3)
+    px = lambda col, r, c: img[th + r * s + s // 2, lw + col * cw + c * s + s // 2]
+    top, bottom = MAGMA[-1], MAGMA[0]
+    assert np.abs(px(0, 0, W // 2) - top).max() <= 6 and np.abs(px(0, 0, W // 2 + 1) - bottom).max() <= 6
+    assert np.abs(px(0, H // 2, W // 2) - bottom).max() <= 6                   # DC: the mean was removed
+    assert np.abs(px(1, H // 2 + 1, 0) - top).max() <= 6 and np.abs(px(1, H // 2, 0) - bottom).max() <= 6
+
+
 def test_evaluate_figure_and_attention_maps(tmp_path):
     data = str(tmp_path / "phantom")
     prepare_phantom(data, n_train=4, n_test=4, slices=1, size=(64, 64), seed=0, progress=False)
     env = {**os.environ, "UNIT_ATTN": "naive"}
     ckpt = train_tiny(data, tmp_path / "run", 2, "--attn", "both")
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, ckpt, "--figure", str(tmp_path / "f.png"),
-                        "--subjects", "phantom-0005,phantom-0007"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--subjects", "phantom-0005,phantom-0007", "--spectra", str(tmp_path / "s.png")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "f.png").size == (118 + 4 * 130, 22 + 8 * 130 + 40)   # 2 subjects x 2 directions
+    assert Image.open(tmp_path / "s.png").size == (118 + 3 * 130, 22 + 2 * 130 + 40)   # target + 2 runs, 2 directions
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--spectra", str(tmp_path / "no" / "s.png")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "existing folder" in r.stderr and "SSIM" not in r.stdout   # refused before scoring
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "att"), "--queries",
                         "10,20 40,30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -166,6 +166,22 @@ def test_gmsd_known_values():
     assert gmsd(flat + 0.1, flat).item() > 0                                 # the border sees the offset
 
 
+def test_energy_spectrum_is_the_normalised_numpy_periodogram():
+    from unit.metrics import energy_spectrum
+    rng = np.random.default_rng(1)
+    for shape in ((20, 16), (21, 17)):
+        x = rng.random((3,) + shape)
+        got = energy_spectrum(torch.from_numpy(x)).numpy()
+        y = x[:, : shape[0] // 2 * 2, : shape[1] // 2 * 2]
+        y = y - y.mean(axis=(1, 2), keepdims=True)
+        e = np.abs(np.fft.fft2(y)) ** 2
+        np.testing.assert_allclose(got, e / e.sum(axis=(1, 2), keepdims=True), rtol=1e-10, atol=1e-15)
+        # Parseval: the energies sum to H W times the sum of squares, so the shares sum to 1
+        np.testing.assert_allclose(e.sum(axis=(1, 2)), y[0].size * (y ** 2).sum(axis=(1, 2)), rtol=1e-10)
+        np.testing.assert_allclose(got.sum(axis=(1, 2)), 1, rtol=1e-12)
+    assert energy_spectrum(torch.full((1, 8, 8), 0.4)).abs().max() == 0          # a constant image: no energy
+
+
 def test_checkerboard_score_known_cases_and_numpy():
     from unit.metrics import checkerboard
     r, c = np.arange(64)[:, None], np.arange(48)[None]

@@ -53,15 +53,17 @@ class Sheet:
     def xy(self, row, col):
         return self.label_w + col * (self.cell[1] + 2), self.title_h + row * (self.cell[0] + 2)
 
-    def put(self, row, col, rgb, caption=None):
-        """Place an (h', w', 3) uint8 image, upscaled by nearest neighbour to the cell."""
+    def put(self, row, col, rgb, caption=None, bottom=False):
+        """Place an (h', w', 3) uint8 image, upscaled by nearest neighbour to the cell, with an optional
+        caption in its top (or bottom) left corner."""
         x, y = self.xy(row, col)
         im = Image.fromarray(rgb).resize((self.cell[1], self.cell[0]), Image.NEAREST)
         self.img.paste(im, (x, y))
         if caption:
-            box = self.draw.textbbox((x + 3, y + 2), caption, font=self.font)
+            at = (x + 3, y + self.cell[0] - 16 if bottom else y + 2)
+            box = self.draw.textbbox(at, caption, font=self.font)
             self.draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
-            self.draw.text((x + 3, y + 2), caption, fill=INK, font=self.font)
+            self.draw.text(at, caption, fill=INK, font=self.font)
 
     def title(self, col, text):
         x, _ = self.xy(0, col)
@@ -147,4 +149,32 @@ def attention_figure(path, image, maps, points, title):
             mark(i, j + 1, r, c, j + 1)
             mark(i, 0, r, c, j + 1)
     sheet.colorbar("attention weight beta of the marked query, scaled to its maximum", "0", "max")
+    sheet.save(path)
+
+
+def spectrum_figure(path, rows, names, n, lo=-8.0, hi=-2.0):
+    """Where the translations put their energy in frequency (evaluate.py --spectra): one row per
+    direction, columns real target | each checkpoint's translation. rows: dicts with "label", "target"
+    and "outputs" (mean unit.metrics.energy_spectrum over n test slices, (H, W), unshifted) and the
+    checkerboard scores "target_score" / "scores". Each cell shows log10 of the spectrum, centred (DC in
+    the middle, so the Nyquist row and column are the cell's top row and left column), on the MAGMA
+    scale from 10^lo to 10^hi (clipped). A checkerboard shows as bright edges and corners; the sum over
+    those bins is the score written on the cell (the table's Checkerboard column)."""
+    H, W = rows[0]["target"].shape
+    s = scale_for((H, W))
+    k = len(names)
+    sheet = Sheet(len(rows), k + 1, (H * s, W * s), label_w=118, footer_h=40)
+    for j, t in enumerate(["real target"] + list(names)):
+        sheet.title(j, t)
+
+    def cell(spec):
+        v = np.log10(np.fft.fftshift(np.asarray(spec, np.float64)) + 10.0 ** (lo - 3))
+        return colormap((v - lo) / (hi - lo))
+
+    for i, r in enumerate(rows):
+        sheet.label(i, r["label"] + "\n\nDC: centre\nNyquist: top row,\nleft column")
+        sheet.put(i, 0, cell(r["target"]), f"checkerboard {r['target_score']:.4f}", bottom=True)
+        for j, (spec, q) in enumerate(zip(r["outputs"], r["scores"])):
+            sheet.put(i, j + 1, cell(spec), f"checkerboard {q:.4f}", bottom=True)
+    sheet.colorbar(f"energy share per frequency bin, mean of {n} test slices", f"1e{lo:g}", f"1e{hi:g}")
     sheet.save(path)

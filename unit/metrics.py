@@ -157,18 +157,27 @@ def psnr(x, y, mask=None):
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-20))).float()
 
 
+def energy_spectrum(x):
+    """Where the energy of images x (B, H, W) lies in frequency: (B, H', W') float64, each image's
+    |FFT2(x - mean)|^2 divided by its sum (so it sums to 1; all zeros for a constant image), over the
+    integer bins ky in [0, H'), kx in [0, W') (unshifted: DC at [0, 0], Nyquist at row H'/2 and column
+    W'/2). Odd sides have no Nyquist bin: their last row/column is dropped first (H' = H // 2 * 2)."""
+    x = x.double()
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    e = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs() ** 2
+    total = e.sum(dim=(-2, -1), keepdim=True)
+    return torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+
+
 def checkerboard(x):
     """The checkerboard score of images x (B, H, W): the share of their spectral energy at the Nyquist
     frequency along either axis, (B,) in [0, 1]. Exactly: the mean of each image is removed, E(ky, kx)
     = |FFT2|^2 over the integer frequency bins ky in [0, H), kx in [0, W), and the score is the sum of E
     over the bins with ky = H/2 or kx = W/2 (the Nyquist row and column, counted once where they
-    cross) divided by the sum of E over all bins. A period-2 pattern along either axis lives entirely
-    there (score 1); smooth anatomy has almost none (real MRI ~0.001). Odd sides have no Nyquist bin:
-    their last row/column is dropped first. A constant image scores 0."""
-    x = x.double()
-    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
-    H, W = x.shape[-2:]
-    e = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs() ** 2
-    nyq = e[..., H // 2, :].sum(-1) + e[..., :, W // 2].sum(-1) - e[..., H // 2, W // 2]
-    total = e.sum(dim=(-2, -1))
-    return torch.where(total > 0, nyq / total.clamp_min(1e-300), torch.zeros_like(total)).float()
+    cross) divided by the sum of E over all bins (energy_spectrum gives E / sum). A period-2 pattern
+    along either axis lives entirely there (score 1); smooth anatomy has almost none (real MRI
+    ~0.001). Odd sides have no Nyquist bin: their last row/column is dropped first. A constant image
+    scores 0."""
+    e = energy_spectrum(x)
+    H, W = e.shape[-2:]
+    return (e[..., H // 2, :].sum(-1) + e[..., :, W // 2].sum(-1) - e[..., H // 2, W // 2]).float()
