@@ -15,7 +15,7 @@ from conftest import train_tiny
 
 from unit.attention import SelfAttention, attention_reference, attention_weights
 from unit.data import prepare_phantom
-from unit.figures import MAGMA, colormap, scale_for, spectrum_figure, translation_figure
+from unit.figures import MAGMA, PAPER, colormap, label_width, scale_for, spectrum_figure, translation_figure
 from unit.model import UNIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +81,13 @@ def test_colormap_stops_and_translation_figure_pixels(tmp_path):
     assert np.abs(err(1) - MAGMA[0]).max() <= 6                  # exact output: error 0 everywhere
     off = err(2)[(np.clip(target + 0.5, 0, 1) - target).repeat(2, 0).repeat(2, 1)[10:118, 10:118] >= 0.25]
     assert off.size and np.abs(off - MAGMA[-1]).max() <= 6      # |error| >= 0.25: the top of the scale
+    # a subject id longer than the default label column widens it instead of being cut
+    long = "BraTS-GLI-00001-000-and-more\nT1w -> T2w"
+    translation_figure(path, [{**cases[0], "label": long}], ["exact", "off"])
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    w = label_width([long])
+    assert w > lw and img.shape[1] == w + 4 * 130
+    assert (np.abs(img[th: th + 30, 4:w - 4] - PAPER).sum(-1) > 300).any(axis=0)[-20:].any()   # ink near its end
 
 
 def test_spectrum_figure_centres_dc_and_puts_nyquist_on_the_top_and_left_edges(tmp_path):

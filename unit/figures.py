@@ -90,6 +90,12 @@ class Sheet:
         self.img.convert("P", palette=Image.ADAPTIVE, colors=256).save(path, optimize=True)
 
 
+def label_width(texts, least=118, size=12):
+    """Width of a label column that holds every (multi-line) text: at least `least` pixels."""
+    draw, f = ImageDraw.Draw(Image.new("RGB", (1, 1))), font(size)
+    return max([least] + [draw.multiline_textbbox((0, 0), t, font=f, spacing=3)[2] + 10 for t in texts])
+
+
 def scale_for(shape, target=160):
     """Integer upscaling that brings the image width near `target` pixels (small images get room for text)."""
     return max(1, round(target / shape[1]))
@@ -103,7 +109,7 @@ def translation_figure(path, cases, names, err_max=0.25):
     H, W = cases[0]["input"].shape
     s = scale_for((H, W))
     k = len(names)
-    sheet = Sheet(2 * len(cases), k + 2, (H * s, W * s), label_w=118, footer_h=40)
+    sheet = Sheet(2 * len(cases), k + 2, (H * s, W * s), label_w=label_width(c["label"] for c in cases), footer_h=40)
     for j, t in enumerate(["input"] + list(names) + ["real target"]):
         sheet.title(j, t)
     for i, c in enumerate(cases):
