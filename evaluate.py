@@ -42,7 +42,7 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import evaluate, figure_slices, paired_bootstrap, to_model, translate
+from unit.evaluation import evaluate, figure_slices, has_brain_mask, paired_bootstrap, to_model, translate
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
 
@@ -76,9 +76,7 @@ def of_oracle(res):
 
 def columns(data):
     """BRAIN_FIRST when the data has a brain mask (meta.json says so: not IXI's head mask), else COLUMNS."""
-    m = data.meta.get("mask")
-    brain = data.test_mask is not None and isinstance(m, dict) and m.get("brain_mask", m.get("source") == "phantom")
-    return BRAIN_FIRST if brain else COLUMNS
+    return BRAIN_FIRST if has_brain_mask(data) else COLUMNS
 
 
 def background_note(res):

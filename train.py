@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unit import UserError, checkpoint
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
-from unit.evaluation import evaluate, figure_slices, from_model, to_model
+from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, to_model
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
 from unit.nifti import LAYOUT_MASK_RULE
@@ -441,12 +441,14 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
                     last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
                                     **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
-                                    "identity_ssim": res["identity"]["ssim"]}
+                                    **{f"identity_{k}": res["identity"][k] for k in ("ssim", "ssim_mask")
+                                       if k in res["identity"]}}
                     log.write(json.dumps(last_metrics) + "\n")
                     log.flush()
                     progress.close()
-                    print(f"epoch {e} step {step}: SSIM T1 {res['T1']['ssim']:.4f} T2 {res['T2']['ssim']:.4f} "
-                          f"(identity {res['identity']['ssim']:.4f}, {res['n']} test slices)", flush=True)
+                    scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity'][k]:.4f})"
+                    brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
+                    print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
                 latest = os.path.join(out, "ckpt.pt")
                 checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)

@@ -64,6 +64,13 @@ def paired_bootstrap(diff, subjects, n_boot=2000, seed=0, level=0.95):
     return float(diff[keep].mean()), float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
 
+def has_brain_mask(data):
+    """Whether the data's test masks outline the brain (meta.json says so; the phantom's do, IXI's head
+    masks do not): then brain-masked scores lead the reports."""
+    m = data.meta.get("mask")
+    return data.test_mask is not None and isinstance(m, dict) and bool(m.get("brain_mask", m.get("source") == "phantom"))
+
+
 def evaluate(model, data, device, channels, batch_size=16, limit=None):
     """Scores for 'T1' (b->a vs real a), 'T2' (a->b vs real b) and the identity baseline, in float32
     (no autocast: the number a paper reports), and, on data with noiseless test targets (the phantom),
