@@ -346,6 +346,11 @@ def main(argv=None):
     if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
                         "per checkpoint")
+    slice_only = [f for f, v in (("--figure", args.figure), ("--spectra", args.spectra), ("--csv", args.csv),
+                                 ("--save-images", args.save_images), ("--attention-maps", args.attention_maps)) if v]
+    if args.volumes and slice_only:
+        raise UserError(f"{', '.join(slice_only)}: these are for the prepared test slices, not for --volumes; run "
+                        f"evaluate.py without --volumes for them")
     for flag, png in (("--figure", args.figure), ("--spectra", args.spectra)):   # fail now, not after scoring
         if png and (not png.lower().endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(png)))):
             raise UserError(f"{flag} {png}: give a .png file in an existing folder")

@@ -93,3 +93,8 @@ def test_volumes_bad_flags(trained, tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--volumes", str(src)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--layout" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--volumes", str(src), "--layout", "hcp", "--out",
+                        str(tmp_path / "o"), "--spectra", str(tmp_path / "s.png")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--spectra: these are for the prepared test slices" in r.stderr   # was silently ignored
+    assert not (tmp_path / "o").exists()
