@@ -200,7 +200,7 @@ def draw_figure(path, rows, stacks, idx, subjects):
                           "outputs": [r["figure"][fake][i].numpy() for r in rows],
                           "ssim": [r["slices"][c]["ssim"][i] for r in rows]})
     translation_figure(path, cases, [run_label(r["ckpt"], r["epoch"]) for r in rows])
-    print(f"figure: {path} ({len(idx)} test subjects x 2 directions; error maps from 0 to 0.25)")
+    print(f"figure: {path} ({len(idx)} test subject{'s' * (len(idx) != 1)} x 2 directions; error maps from 0 to 0.25)")
 
 
 def mean_spectrum(x, chunk=256):
