@@ -123,7 +123,7 @@ def evaluate_volumes(model, cfg, data, args):
 
     from unit.data import DataError
     from unit.geometry import slices_to_nifti
-    from unit.nifti import LAYOUT_MASK_RULE, find_subjects, prepare_subject
+    from unit.nifti import LAYOUT_MASK_RULE, PERCENTILES, find_subjects, prepare_subject
     if not args.layout or not args.out:
         raise UserError("--volumes needs --layout (hcp, brats, ixi, folders) and --out DIR for the NIfTI files")
     if args.layout not in LAYOUT_MASK_RULE:
@@ -137,7 +137,7 @@ def evaluate_volumes(model, cfg, data, args):
         chosen = subjects
     registered = bool(data.meta.get("registration"))    # ixi --register: register again, as prepared
     paired = args.layout != "ixi" or registered
-    pct = tuple(data.meta.get("normalization", {}).get("percentiles", (0.5, 99.5)))
+    pct = tuple(data.meta.get("normalization", {}).get("percentiles", PERCENTILES))
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for n, s in enumerate(chosen):

@@ -35,11 +35,10 @@ from unit.data import DataError
 from unit.evaluation import translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
-from unit.nifti import apply_range, derive_mask, load_nifti, read_png, robust_range
+from unit.nifti import PERCENTILES, apply_range, derive_mask, load_nifti, read_png, robust_range
 from unit.progress import Progress
 
 NIFTI = (".nii.gz", ".nii")
-DEFAULT_PERCENTILES = (0.5, 99.5)
 
 
 def contrast_target(name):
@@ -69,7 +68,7 @@ def run_model(model, cfg, slices, src, device, batch_size, desc):
     return out[:, :H, :W]
 
 
-def translate_volume(fn, vol, affine, mask=None, percentiles=DEFAULT_PERCENTILES, mask_rule="threshold",
+def translate_volume(fn, vol, affine, mask=None, percentiles=PERCENTILES, mask_rule="threshold",
                      spacing=None, what="IN"):
     """Steps 1-4 of the module docstring with the translator fn ((K, H, W) -> (K, H, W), both in [0, 1]):
     a float32 volume in vol's stored voxel order and shape. mask: bool, on vol's grid, or None.
@@ -123,7 +122,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
                             f"{vol.shape}); pass the mask that belongs to this scan")
         mask = m > 0
     prep = cfg.get("prep") or {}
-    pct = tuple(prep.get("percentiles") or DEFAULT_PERCENTILES)
+    pct = tuple(prep.get("percentiles") or PERCENTILES)
     rule = prep.get("mask_rule") or "threshold"
     spacing = prep.get("spacing")
     fn = lambda s: run_model(model, cfg, s, src, args.device, args.batch_size, f"{direction} slices")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import u
 
 from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
 from unit.geometry import zooms  # noqa: E402
-from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, REGISTRATION, find_subjects,  # noqa: E402
+from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, PERCENTILES, REGISTRATION, find_subjects,  # noqa: E402
                         prepare_subject, read_png)
 from unit.progress import Progress  # noqa: E402
 
@@ -76,8 +76,8 @@ def build_parser():
     p.add_argument("--n-train", type=int, default=None, help="phantom only: train subjects (default 900)")
     p.add_argument("--hcp-space", choices=("acpc", "mni"), default="acpc",
                    help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm, default) or MNINonLinear/*_restore_brain")
-    p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"),
-                   help="normalisation: brain-voxel percentiles mapped to 0 and 1; default 0.5 99.5")
+    p.add_argument("--percentiles", type=float, nargs=2, default=PERCENTILES, metavar=("LO", "HI"),
+                   help="normalisation: brain-voxel percentiles mapped to 0 and 1; default %s %s" % PERCENTILES)
     p.add_argument("--spacing", type=float, metavar="MM", help="resample every volume in-plane to MM x MM before "
                    "cropping (bilinear; through-plane untouched); default: keep each source's spacing")
     p.add_argument("--register", action="store_true", help="ixi: register each T2w to its T1w (affine, Mattes mutual "

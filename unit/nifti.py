@@ -362,6 +362,10 @@ MASK_RULES = {
 }
 
 
+# the intensity percentiles mapped to 0 and 1 (of the masked voxels), unless prepare.py --percentiles says otherwise
+PERCENTILES = (0.5, 99.5)
+
+
 # how each layout's mask is made when the source has none (data/prepare.py, evaluate.py --volumes)
 LAYOUT_MASK_RULE = {"hcp": "nonzero", "brats": "nonzero", "ixi": "threshold", "folders": "threshold"}
 
@@ -378,7 +382,7 @@ def derive_mask(t1, t2, rule):
     raise ValueError(f"derive_mask: unknown rule {rule!r}")
 
 
-def robust_range(vol, mask=None, percentiles=(0.5, 99.5), what="volume"):
+def robust_range(vol, mask=None, percentiles=PERCENTILES, what="volume"):
     """(lo, hi): the given percentiles of the voxels inside mask (nonzero voxels if mask is None)."""
     vals = vol[mask] if mask is not None else vol[vol != 0]
     if vals.size == 0:
@@ -398,7 +402,7 @@ def apply_range(vol, lo_hi):
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalize_volume(vol, mask=None, percentiles=(0.5, 99.5), what="volume"):
+def normalize_volume(vol, mask=None, percentiles=PERCENTILES, what="volume"):
     """Robust per-volume normalisation to [0, 1]: (vol01 float32, (lo, hi)) with lo, hi the
     percentiles of the brain (mask) voxels; values are clipped to [lo, hi] then scaled.
     Inverse (for unclipped values): vol = vol01 * (hi - lo) + lo."""
@@ -421,7 +425,7 @@ class SubjectSlices(NamedTuple):
     registration: dict | None = None   # register=True: what register_affine found
 
 
-def prepare_subject(subject, size=(304, 256), slices=1, percentiles=(0.5, 99.5),
+def prepare_subject(subject, size=(304, 256), slices=1, percentiles=PERCENTILES,
                     resample_t2=False, mask_rule="nonzero", spacing=None, register=False) -> SubjectSlices:
     """Everything data/prepare.py does to one NIfTI subject: load + reorient (load_volume_pair),
     with register=True register the T2 to the T1 first (register_affine, ixi --register),
