@@ -15,6 +15,7 @@ appears only when everything is written (an interrupted run leaves nothing behin
 """
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -74,6 +75,9 @@ def build_parser():
     p.add_argument("--test-fraction", type=float, default=None,
                    help="fraction of subjects for test (default 0.2 when --n-test is not given)")
     p.add_argument("--n-train", type=int, default=None, help="phantom only: train subjects (default 900)")
+    p.add_argument("--split", metavar="FILE", help='JSON file {"train": [ids], "test": [ids]} naming the subjects of '
+                   'each split (either list may be empty; subjects in neither are left out); default: a seeded '
+                   'random split by --n-test / --test-fraction')
     p.add_argument("--hcp-space", choices=("acpc", "mni"), default="acpc",
                    help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm, default) or MNINonLinear/*_restore_brain")
     p.add_argument("--percentiles", type=float, nargs=2, default=PERCENTILES, metavar=("LO", "HI"),
@@ -84,6 +88,35 @@ def build_parser():
                    "information, SimpleITK: pip install SimpleITK) so that the dataset is paired")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def read_split(path, subjects, src):
+    """{"train": [ids], "test": [ids]} from a --split JSON file, checked against the subjects of SRC:
+    DataError for an unreadable file, another shape, an id not in SRC, an id listed twice or in both lists,
+    or two empty lists."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"--split {path} does not exist; give a JSON file {{\"train\": [ids], \"test\": [ids]}}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--split {path} cannot be read as JSON ({e}); fix the file.") from None
+    if not (isinstance(split, dict) and set(split) == {"train", "test"} and
+            all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in split.values())):
+        raise DataError(f"--split {path} must hold exactly {{\"train\": [ids], \"test\": [ids]}} with subject ids "
+                        f"as strings (either list may be empty).")
+    known = {s.id for s in subjects}
+    unknown = [i for k in ("train", "test") for i in split[k] if i not in known]
+    if unknown:
+        raise DataError(f"--split {path}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a subject "
+                        f"of {src} (it has {', '.join(sorted(known)[:3])}, ...); fix the ids.")
+    both = sorted(set(split["train"]) & set(split["test"]))
+    twice = sorted({i for k in ("train", "test") for i in split[k] if split[k].count(i) > 1})
+    if both or twice:
+        raise DataError(f"--split {path}: {', '.join(both or twice)} "
+                        f"{'in both train and test' if both else 'listed twice'}; list each subject once.")
+    if not split["train"] and not split["test"]:
+        raise DataError(f"--split {path} lists no subject; name at least one train or test subject.")
+    return split
 
 
 def _rel(path, src):
@@ -108,18 +141,25 @@ def prepare_volumes(args, created_by):
     layout, src = args.layout, Path(args.src)
     subjects = find_subjects(layout, src, hcp_space=args.hcp_space)
     n = len(subjects)
-    if args.n_test is not None:
+    given = read_split(args.split, subjects, src) if args.split else None
+    if given:
+        if args.n_test is not None or args.test_fraction is not None:
+            raise DataError(f"--split {args.split} names the test subjects; drop --n-test / --test-fraction.")
+        by_id = {s.id: s for s in subjects}
+        order = [by_id[i] for i in given["test"] + given["train"]]
+        n_test = len(given["test"])
+    elif args.n_test is not None:
         n_test = args.n_test
     else:
         f = 0.2 if args.test_fraction is None else args.test_fraction
         if not 0 < f < 1:
             raise DataError(f"--test-fraction must be between 0 and 1, got {f}.")
         n_test = max(1, int(round(f * n)))
-    if not 1 <= n_test < n:
+    if not given and not 1 <= n_test < n:
         raise DataError(f"--n-test {n_test} leaves no train or no test subjects: {src} has {n} "
                         f"{layout} subjects; choose 1 <= --n-test < {n}.")
-    # subjects in a seeded random order; the first n_test usable ones form the test split
-    order = [subjects[i] for i in np.random.default_rng(args.seed).permutation(n)]
+    if not given:   # subjects in a seeded random order; the first n_test usable ones form the test split
+        order = [subjects[i] for i in np.random.default_rng(args.seed).permutation(n)]
     paired = layout != "ixi" or args.register
     pct = tuple(float(v) for v in args.percentiles)
     if not 0 <= pct[0] < pct[1] <= 100:
@@ -130,7 +170,8 @@ def prepare_volumes(args, created_by):
     bar = Progress(n, f"{layout} subjects", enabled=not args.quiet)
     with PreparedWriter(args.out, args.size, paired=paired, masks=True, overwrite=args.overwrite) as w:
         for s in order:
-            split = "test" if used["test"] < n_test else "train"
+            split = ("test" if s.id in given["test"] else "train") if given else \
+                ("test" if used["test"] < n_test else "train")
             try:
                 r = prepare_subject(s, size=args.size, slices=args.slices, percentiles=pct,
                                     resample_t2=(layout == "ixi"), mask_rule=LAYOUT_MASK_RULE[layout],
@@ -156,16 +197,19 @@ def prepare_volumes(args, created_by):
                 volumes[s.id]["registration"] = r.registration
             bar.update()
         bar.close()
-        if used["train"] == 0 or used["test"] == 0:
+        wanted = [k for k in ("train", "test") if not given or given[k]]   # a given split may leave one empty
+        if any(used[k] == 0 for k in wanted):
             raise DataError(f"only {used['train']} train and {used['test']} test subjects of {src} "
                             f"could be used ({len(skipped)} skipped, see the warnings above); fix them "
-                            f"or lower --n-test.")
+                            f"or {'change --split' if given else 'lower --n-test'}.")
         meta = {
             "source": layout, "layout": layout, "src": str(src.resolve()), "seed": args.seed,
             "created_by": created_by,
             "hcp_space": args.hcp_space if layout == "hcp" else None,
-            "split": (f"by subject: {n} subjects shuffled with numpy default_rng(seed).permutation; "
+            "split": (f"by subject, as listed in {args.split}" if given else
+                      f"by subject: {n} subjects shuffled with numpy default_rng(seed).permutation; "
                       f"the first {n_test} usable ones are test, the rest train"),
+            "split_file": {"path": args.split, **given} if given else None,
             "slices_per_subject": args.slices,
             "orientation": ORIENTATION,
             "spacing": args.spacing,
@@ -303,6 +347,9 @@ def main(argv=None):
     try:
         if args.spacing is not None and not args.spacing > 0:
             raise DataError(f"--spacing must be a positive number of mm, got {args.spacing}.")
+        if args.split and (args.layout == "phantom" or (args.src and (Path(args.src) / "trainA").is_dir())):
+            raise DataError("--split names subjects of a NIfTI source tree; the phantom (--n-train/--n-test) and "
+                            "PNG folders (trainA/testA) are split already.")
         if args.register and args.layout != "ixi":
             raise DataError(f"--register is for the ixi layout (T1w and T2w acquired separately); the {args.layout} "
                             f"layout is co-registered already.")

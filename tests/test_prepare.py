@@ -764,3 +764,41 @@ def test_unwritable_output_is_one_error_line(tmp_path, capsys):
                "--size", "32x32", "--quiet") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "afile" in err[0]
+
+
+def test_split_file_names_the_subjects_of_each_split(tmp_path, capsys):
+    subjects = hcp_tree(tmp_path / "HCP", n=5)
+    ids = sorted(subjects)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [ids[4], ids[0]], "test": [ids[2], ids[1]]}))   # ids[3] in neither
+    out = tmp_path / "s"
+    assert run("hcp", tmp_path / "HCP", "--out", out, "--size", "22x28", "--split", split, "--quiet") == 0
+    p = check_prepared(out, {k: v for k, v in subjects.items() if k != ids[3]}, central(1))
+    m = p.meta
+    assert set(m["train_subjects"]) == {ids[0], ids[4]} and set(m["test_subjects"]) == {ids[1], ids[2]}
+    assert m["split_file"] == {"path": str(split), "train": [ids[4], ids[0]], "test": [ids[2], ids[1]]}
+    assert ids[3] not in m["volumes"] and m["n_train"] == 2 and m["n_test"] == 2
+    # either list may be empty: a dataset only for scoring
+    split.write_text(json.dumps({"train": [], "test": [ids[3]]}))
+    assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "score", "--size", "22x28", "--split", split,
+               "--quiet") == 0
+    q = D.load_prepared(tmp_path / "score")
+    assert q.meta["n_train"] == 0 and q.meta["test_subjects"] == [ids[3]] and len(q.train_t1) == 0
+    # bad files: one sentence naming the id, exit 2, nothing written
+    capsys.readouterr()
+    for content, said in (({"train": [ids[0], "100399"], "test": [ids[1]]}, "100399 is not a subject of"),
+                          ({"train": [ids[0]], "test": [ids[0]]}, f"{ids[0]} in both train and test"),
+                          ({"train": [ids[0], ids[0]], "test": []}, f"{ids[0]} listed twice"),
+                          ({"train": [], "test": []}, "lists no subject"),
+                          ({"train": [ids[0]]}, 'must hold exactly {"train": [ids], "test": [ids]}'),
+                          ("not json", "cannot be read as JSON")):
+        split.write_text(content if isinstance(content, str) else json.dumps(content))
+        assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "bad", "--size", "22x28", "--split", split,
+                   "--quiet") == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()
+    assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "bad", "--split", tmp_path / "none.json", "--quiet") == 2
+    split.write_text(json.dumps({"train": [ids[0]], "test": [ids[1]]}))
+    assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "bad", "--split", split, "--n-test", 1, "--quiet") == 2
+    assert "drop --n-test" in capsys.readouterr().err
