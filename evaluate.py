@@ -42,7 +42,8 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import evaluate, figure_slices, has_brain_mask, paired_bootstrap, to_model, translate
+from unit.evaluation import (evaluate, figure_slices, has_brain_mask, paired_bootstrap, reference_scores, to_model,
+                             translate)
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
 
@@ -81,7 +82,7 @@ def columns(data):
 
 def background_note(res):
     """One line when the identity's whole-slice SSIM is high: then the background, not the brain, sets it."""
-    i = res["identity"]
+    i = res["identity"]["T1"]
     if i["ssim"] < 0.3:
         return ""
     brain = f" (inside the brain: {i['ssim_mask']:.2f})" if "ssim_mask" in i else ""
@@ -96,7 +97,7 @@ def table(res, cols=COLUMNS):
     keys = [k for k in cols if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
-    rows = [("translation", res["T1"], res["T2"]), ("identity (input as output)", res["identity"], res["identity"])]
+    rows = [("translation", res["T1"], res["T2"]), ("identity (input as output)", res["identity"]["T1"], res["identity"]["T2"])]
     if "oracle" in res:
         rows.append((ORACLE_ROW, res["oracle"]["T1"], res["oracle"]["T2"]))
     for name, a, b in rows:
@@ -286,7 +287,7 @@ def compare_table(rows, subjects, n_boot, cols=COLUMNS):
         out.append(f"| {r['ckpt']} | {variant(r['config'])} | {r['epoch']} | " +
                    " | ".join(f"{fmt(k, r['res']['T1'][k])} | {fmt(k, r['res']['T2'][k])}" for k, _ in keys) + " |")
     ident = rows[0]["res"]["identity"]
-    out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident[k])} | {fmt(k, ident[k])}"
+    out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident['T1'][k])} | {fmt(k, ident['T2'][k])}"
                                                               for k, _ in keys) + " |")
     target = rows[0]["res"].get("target")
     if target:
@@ -298,8 +299,8 @@ def compare_table(rows, subjects, n_boot, cols=COLUMNS):
         out += ["", ORACLE_NOTE + "; each checkpoint as a fraction of it:", ""]
         out += [f"- {r['ckpt']}: {of_oracle(r['res'])}" for r in rows]
     if len(rows) > 1:
-        out += ["", f"Paired differences to the first row (mean over slices, [95% bootstrap interval] over "
-                    f"{len(set(subjects))} test subjects, {n_boot} resamples by subject, seed 0):", "", head,
+        out += ["", f"Paired differences to the first row (mean over subjects, [95% bootstrap interval] over "
+                    f"{len(set(subjects))} test subjects, {n_boot} resamples, seed 0):", "", head,
                 out[1]]
         for r in rows[1:]:
             cells = []
@@ -363,7 +364,7 @@ def main(argv=None):
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
 
-    rows, data, data_path, idx = [], None, None, None
+    rows, data, data_path, idx, refs = [], None, None, None, None
     subjects = args.subjects.split(",") if args.subjects else None
     for path in args.ckpt:
         model, ckpt = load_model(path, args.device)
@@ -387,9 +388,10 @@ def main(argv=None):
         print(f"checkpoint {path}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
               f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}",
               flush=True)
-        res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit)
+        refs = refs or reference_scores(data, args.limit)          # the same for every checkpoint
+        res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit, refs)
         rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
-                     "slices": stacks.pop("slices")})
+                     "slices": stacks.pop("slices"), "subjects": stacks.pop("subjects")})
         if idx is None and (args.figure or args.attention_maps):
             idx = figure_slices(data, res["n"], subjects)
         if args.figure:   # keep only the figure's slices of each checkpoint's translations
@@ -402,8 +404,8 @@ def main(argv=None):
     n = rows[0]["res"]["n"]
     subjects = list(data.meta["slice_subject"]["test"][:n])
     for r in rows[1:]:   # paired: the same test slices, each checkpoint's score minus the first's
-        r["diff"] = {c: {k: paired_bootstrap(r["slices"][c][k] - rows[0]["slices"][c][k], subjects, args.bootstrap)
-                         for k in r["slices"][c]} for c in ("T1", "T2")}
+        r["diff"] = {c: {k: paired_bootstrap(r["subjects"][c][k] - rows[0]["subjects"][c][k], args.bootstrap)
+                         for k in r["subjects"][c]} for c in ("T1", "T2")}
     print(f"test split of {data_path}: {n} slices of {data.shape[0]}x{data.shape[1]} from {len(set(subjects))} "
           f"subjects; T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
     if data.meta["source"] == "phantom" and "oracle" not in rows[0]["res"]:
@@ -418,14 +420,20 @@ def main(argv=None):
     if args.spectra:
         draw_spectra(args.spectra, rows, stacks)
     if args.json:
-        plain = lambda r: {k: v for k, v in r.items() if k not in ("slices", "figure", "spectra")}
+        # per test subject (in the order of "subject_ids"): every metric of each checkpoint, for analyses of one's own
+        per_subject = lambda r: {c: {k: [None if np.isnan(x) else float(x) for x in v] for k, v in r["subjects"][c].items()}
+                                 for c in ("T1", "T2")}
+        plain = lambda r: {**{k: v for k, v in r.items() if k not in ("slices", "subjects", "figure", "spectra")},
+                           "per_subject": per_subject(r)}
+        ids = sorted(set(subjects))                          # np.unique's order, as subject_scores()
         with open(args.json, "w") as f:
             if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
                 r = rows[0]
                 json.dump({"ckpt": r["ckpt"], "epoch": r["epoch"], "step": r["step"], "data": data_path,
-                           "config": r["config"], **r["res"]}, f, indent=2)
+                           "config": r["config"], **r["res"], "subject_ids": ids, "per_subject": per_subject(r)},
+                          f, indent=2)
             else:
-                json.dump({"data": data_path, "subjects": len(set(subjects)), "bootstrap": args.bootstrap,
+                json.dump({"data": data_path, "subjects": len(set(subjects)), "subject_ids": ids, "bootstrap": args.bootstrap,
                            "checkpoints": [plain(r) for r in rows]}, f, indent=2)
     if args.csv:
         write_csv(args.csv, rows, cols)

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unit import UserError, checkpoint
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
-from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, to_model
-from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
+from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
+from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
 from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
@@ -64,6 +64,8 @@ class Config:
                                   "checkerboard; resize = nearest x2 + conv3", choices=UPSAMPLE_CHOICES)
     width: int = opt(64, "channels of the first conv; all widths scale with it (poster: 64)")
     # objective (UNIT's weights) and optimiser (the poster's Adam)
+    gan_loss: str = opt("bce", "GAN loss: bce (the poster's), lsgan (UNIT's released code), hinge (SAGAN's)",
+                        choices=GAN_LOSSES)
     w_gan: float = opt(10.0, "weight of the GAN terms")
     w_kl: float = opt(0.1, "weight of the KL terms (codes of x_a, x_b)")
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
@@ -291,8 +293,7 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
         x_ba = model.decode(model.sample_z(model.encode(x_b, "b"), noise(1)), "a")
     with amp():
         d_a, d_b = d_side(torch.cat([x_a, x_ba]), torch.cat([x_b, x_ab]))     # (2B, 1, h, w) each
-    loss_d = (gan_loss(d_a[:B], True) + gan_loss(d_a[B:], False) +
-              gan_loss(d_b[:B], True) + gan_loss(d_b[B:], False))
+    loss_d = d_loss(d_a[:B], d_a[B:], cfg["gan_loss"]) + d_loss(d_b[:B], d_b[B:], cfg["gan_loss"])
     opt_d.zero_grad(set_to_none=True)
     (cfg["w_gan"] * loss_d).backward()
     opt_d.step()
@@ -303,7 +304,7 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     with amp():
         o = g_side(x_a, x_b, [noise(k) for k in (2, 3, 4, 5)])                # model.cycle()
         d_ba, d_ab = model.discriminate(o["x_ba"], o["x_ab"])
-    loss_gan = gan_loss(d_ba, True) + gan_loss(d_ab, True)
+    loss_gan = g_loss(d_ba, cfg["gan_loss"]) + g_loss(d_ab, cfg["gan_loss"])
     loss_kl = kl_loss(o["mu_a"]) + kl_loss(o["mu_b"])
     loss_rec = rec(o["x_aa"], x_a) + rec(o["x_bb"], x_b)
     loss_kl_cyc = kl_loss(o["mu_ab"]) + kl_loss(o["mu_ba"])
@@ -394,7 +395,7 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
     bad = torch.zeros((), dtype=torch.long, device=dev)   # first step with a non-finite loss, 0 = none yet
     model.train()
-    status, stopped, note = 0, False, None
+    status, stopped, note, refs = 0, False, None, None
     try:
         batch = fetch(step) if step < total else None
         while step < total:
@@ -438,15 +439,16 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             if epoch_end and lead:                      # end of an epoch (or of the run): rank 0 writes
                 e = math.ceil(step / steps_per_epoch)
                 if cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total):
-                    res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
+                    refs = refs or reference_scores(data, cfg["eval_limit"] or None)   # the data's: computed once
+                    res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs)
                     last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
                                     **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
-                                    **{f"identity_{k}": res["identity"][k] for k in ("ssim", "ssim_mask")
-                                       if k in res["identity"]}}
+                                    **{f"identity_{k}": res["identity"]["T1"][k] for k in ("ssim", "ssim_mask")
+                                       if k in res["identity"]["T1"]}}
                     log.write(json.dumps(last_metrics) + "\n")
                     log.flush()
                     progress.close()
-                    scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity'][k]:.4f})"
+                    scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity']['T1'][k]:.4f})"
                     brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
                     print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))

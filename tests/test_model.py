@@ -7,7 +7,7 @@ import torch
 
 from train import LOSS_NAMES, Config, make_optimizers, train_step
 from unit.attention import SelfAttention
-from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
+from unit.losses import charbonnier_loss, d_loss, g_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UNIT
 
 def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
@@ -103,6 +103,18 @@ def test_losses_against_hand_computed_values():
     sig = [1 / (1 + math.exp(-v)) for v in (0.0, 2.0, -1.0)]
     assert gan_loss(logits, True).item() == pytest.approx(-sum(math.log(s) for s in sig) / 3, rel=1e-6)
     assert gan_loss(logits, False).item() == pytest.approx(-sum(math.log(1 - s) for s in sig) / 3, rel=1e-6)
+    # the three GAN losses on real logits r and fake logits f
+    r, f = [0.5, 3.0, -1.0], [0.0, 2.0, -1.0]
+    rt, ft = torch.tensor(r), torch.tensor(f)
+    sr, sf = [1 / (1 + math.exp(-v)) for v in r], [1 / (1 + math.exp(-v)) for v in f]
+    want = {"bce": (-sum(map(math.log, sr)) / 3 - sum(math.log(1 - v) for v in sf) / 3, -sum(map(math.log, sf)) / 3),
+            "lsgan": (sum((v - 1) ** 2 for v in r) / 3 + sum(v * v for v in f) / 3, sum((v - 1) ** 2 for v in f) / 3),
+            "hinge": (sum(max(0, 1 - v) for v in r) / 3 + sum(max(0, 1 + v) for v in f) / 3, -sum(f) / 3)}
+    for kind, (wd, wg) in want.items():
+        assert d_loss(rt, ft, kind).item() == pytest.approx(wd, rel=1e-6), kind
+        assert g_loss(ft, kind).item() == pytest.approx(wg, rel=1e-6), kind
+    with pytest.raises(ValueError):
+        d_loss(rt, ft, "wgan")
 
 
 def _with_backend(monkeypatch, name):

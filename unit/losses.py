@@ -1,7 +1,17 @@
 """UNIT's loss terms as plain functions; train.py combines them with the paper's weights.
-Each computes in float32, also on the bfloat16 outputs of an autocast forward (--amp bf16)."""
+Each computes in float32, also on the bfloat16 outputs of an autocast forward (--amp bf16).
+
+The GAN terms come in three kinds (--gan-loss), on discriminator logits (no sigmoid in the nets):
+  bce    the poster's: binary cross-entropy, D pushes real -> 1 and fake -> 0, G pushes fake -> 1
+         (the "non-saturating" generator loss of Goodfellow et al. 2014)
+  lsgan  least squares (Mao et al. 2017), as in UNIT's released code: (real - 1)^2 + fake^2 for D,
+         (fake - 1)^2 for G
+  hinge  SAGAN's (Zhang et al. 2018): relu(1 - real) + relu(1 + fake) for D, -fake for G
+"""
 import torch
 import torch.nn.functional as F
+
+GAN_LOSSES = ("bce", "lsgan", "hinge")
 
 
 def gan_loss(logits, real: bool):
@@ -9,6 +19,30 @@ def gan_loss(logits, real: bool):
     logits = logits.float()
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
     return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def d_loss(real, fake, kind="bce"):
+    """The discriminator's loss on its logits for real images and for translated (fake) ones."""
+    real, fake = real.float(), fake.float()
+    if kind == "bce":
+        return gan_loss(real, True) + gan_loss(fake, False)
+    if kind == "lsgan":
+        return (real - 1).pow(2).mean() + fake.pow(2).mean()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    raise ValueError(f"gan loss must be one of {GAN_LOSSES}, got {kind!r}")
+
+
+def g_loss(fake, kind="bce"):
+    """The generator's GAN loss on the discriminator's logits for its translations."""
+    fake = fake.float()
+    if kind == "bce":
+        return gan_loss(fake, True)
+    if kind == "lsgan":
+        return (fake - 1).pow(2).mean()
+    if kind == "hinge":
+        return -fake.mean()
+    raise ValueError(f"gan loss must be one of {GAN_LOSSES}, got {kind!r}")
 
 
 def kl_loss(mu):

@@ -62,15 +62,24 @@ def ssim_volume(x, y, mask=None):
     return ((s * m).sum() / m.sum()).item()
 
 
+def valid_pixels(mask):
+    """The part of masks (B, H, W) that lies in SSIM's valid region: (B, H-10, W-10), like ssim_map()."""
+    p = (WIN - 1) // 2
+    return mask[:, p:-p, p:-p]
+
+
+def masked_mean(smap, mask):
+    """Mean of an ssim_map() (B, h, w) over the valid pixels inside mask (B, H, W): (B,) float32, NaN
+    where the mask leaves no valid pixel."""
+    m = valid_pixels(mask).to(smap.dtype)
+    return ((smap * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+
+
 def ssim(x, y, mask=None):
     """Mean SSIM per image: (B,). With mask (B, H, W), the mean is over valid pixels inside it
     (images whose mask leaves no valid pixel get NaN)."""
     s = ssim_map(x, y)
-    if mask is None:
-        return s.mean(dim=(1, 2)).float()
-    p = (WIN - 1) // 2
-    m = mask[:, p:-p, p:-p].to(s.dtype)
-    return ((s * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2))).float()
+    return s.mean(dim=(1, 2)).float() if mask is None else masked_mean(s, mask)
 
 
 def _ssim_terms(x, y):
