@@ -152,13 +152,19 @@ def evaluate_volumes(model, cfg, data, args):
             continue
         fake_t2 = translate(model, r.t1, "a", args.device, cfg["channels"], args.batch_size)   # (K, H, W)
         fake_t1 = translate(model, r.t2, "b", args.device, cfg["channels"], args.batch_size)
-        # ixi: everything lives on the T1 grid (the T2 was resampled onto it), so the T1 header fits both
-        h1 = nib.load(s.t1_path).header
-        h2 = h1 if args.layout == "ixi" else nib.load(s.t2_path).header
-        slices_to_nifti(fake_t2.numpy(), r.geometry, r.t2_range, header=h2).to_filename(
-            os.path.join(args.out, f"{s.id}_t1_to_t2.nii.gz"))
-        slices_to_nifti(fake_t1.numpy(), r.geometry, r.t1_range, header=h1).to_filename(
-            os.path.join(args.out, f"{s.id}_t2_to_t1.nii.gz"))
+        # ixi: everything lives on the T1 grid (the T2 was resampled onto it), so the T1 header fits both.
+        # Intensities go back with the *input's* normalisation (a user has no target), so the network's 0 is
+        # the input's low percentile: also the value outside the crop window. Skull-stripped sources: 0
+        # outside the input's brain (its nonzero voxels), inside and outside the window, as translate.py.
+        img1, img2 = nib.load(s.t1_path), nib.load(s.t2_path)
+        h2 = img1.header if args.layout == "ixi" else img2.header
+        for fake, src_img, lo_hi, hdr, name in ((fake_t2, img1, r.t1_range, h2, "t1_to_t2"),
+                                                (fake_t1, img2, r.t2_range, img1.header, "t2_to_t1")):
+            out = slices_to_nifti(fake.numpy(), r.geometry, lo_hi, header=hdr, fill=lo_hi[0])
+            if LAYOUT_MASK_RULE[args.layout] == "nonzero" and not args.keep_background:
+                vol = np.asarray(out.dataobj)
+                vol[np.asarray(src_img.dataobj).reshape(vol.shape) == 0] = 0
+            out.to_filename(os.path.join(args.out, f"{s.id}_{name}.nii.gz"))
         row = {"subject": s.id, "slices": len(r.t1)}
         if paired and len(r.t1) >= 11:
             t1, t2, m = torch.from_numpy(r.t1), torch.from_numpy(r.t2), torch.from_numpy(r.mask)
@@ -183,6 +189,24 @@ def evaluate_volumes(model, cfg, data, args):
         print("no paired scores: IXI's T1w and T2w are not co-registered (see data/README.md)")
     print(f"wrote {2 * len(rows)} NIfTI files to {args.out}")
     return res
+
+
+def train_spacing(cfg):
+    """The in-plane spacing (mm) a checkpoint's training slices were resampled to, or None (the sources' own)."""
+    return (cfg.get("prep") or {}).get("spacing")
+
+
+def data_mismatch(cfg, data):
+    """'' when a prepared dataset can be scored with a checkpoint (the same slice size and in-plane spacing as its
+    training data), else what differs, in words."""
+    differ = []
+    if list(data.shape) != list(cfg["size"]):
+        differ.append(f"slices of {data.shape[0]}x{data.shape[1]}, not {cfg['size'][0]}x{cfg['size'][1]}")
+    have, want = data.meta.get("spacing"), train_spacing(cfg)
+    if have != want:
+        say = lambda v: f"{v:g} mm" if v else "the sources' own"
+        differ.append(f"in-plane spacing {say(have)}, not {say(want)}")
+    return " and ".join(differ)
 
 
 def run_label(path, epoch):
@@ -343,6 +367,8 @@ def main(argv=None):
     v.add_argument("--layout", help="layout of SRC: hcp, brats, ixi or folders")
     v.add_argument("--hcp-space", default="acpc", choices=("acpc", "mni"), help="for --layout hcp")
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
+    v.add_argument("--keep-background", action="store_true", help="keep the network's output outside the input's "
+                   "brain (default for skull-stripped sources: 0 there, like the input)")
     args = p.parse_args(argv)
     if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
@@ -372,6 +398,12 @@ def main(argv=None):
         if data is None:
             data_path = args.data or cfg["data"]
             data = load_prepared(data_path)
+            if not len(data.test_t1) and not args.volumes:
+                raise UserError(f"{data_path} has no test slices (its split lists no test subject); score on a "
+                                f"dataset with a test split")
+            if args.data and os.path.abspath(args.data) != os.path.abspath(cfg["data"]):
+                print(f"scoring on {args.data}, not on the training data {cfg['data']}: its test split "
+                      f"({len(data.meta['test_subjects'])} subjects)", flush=True)
         if args.volumes:
             res = evaluate_volumes(model, cfg, data, args)
             if args.json:
@@ -382,9 +414,11 @@ def main(argv=None):
             raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
                             f"are not co-registered), so translated slices have no pixel-aligned ground truth "
                             f"and SSIM/PSNR/MAE would be meaningless; evaluate on a paired dataset")
-        if list(data.shape) != list(cfg["size"]):
-            raise UserError(f"{data_path} has slices of {data.shape[0]}x{data.shape[1]} but the checkpoint {path} "
-                            f"was trained on {cfg['size'][0]}x{cfg['size'][1]}; evaluate on data of the training size")
+        differ = data_mismatch(cfg, data)
+        if differ:
+            raise UserError(f"{data_path} differs from the data the checkpoint {path} was trained on: {differ}; "
+                            f"prepare it again with data/prepare.py --size {cfg['size'][0]}x{cfg['size'][1]}"
+                            + (f" --spacing {train_spacing(cfg):g}" if train_spacing(cfg) else "") + " to score it")
         print(f"checkpoint {path}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
               f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}",
               flush=True)

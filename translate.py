@@ -16,7 +16,10 @@ A volume goes through the steps of data/prepare.py and back:
   4. every axial slice from the lowest to the highest one with mask voxels, whole (zero-padded to a
      multiple of 4, as the network halves the image twice, then cropped back), translated in batches on
      the GPU if there is one; the other slices are 0;
-  5. written on IN's grid: IN's shape, affine and header, float32 values in [0, 1] (the model's
+  5. 0 outside the brain where the brain is known: --mask, or IN's nonzero voxels when the training data
+     was skull-stripped (the checkpoint's mask rule "nonzero"): the synthetic scan has the input's
+     background (--keep-background: the network's raw output there);
+  6. written on IN's grid: IN's shape, affine and header, float32 values in [0, 1] (the model's
      normalised scale: a synthetic image has no scanner units).
 Direction: --to t2 (IN is T1w) or --to t1 (IN is T2w); without --to it is read from IN's file name
 (T1, T1w, t1n -> t2; T2, T2w -> t1), and a name that says neither is refused.
@@ -69,10 +72,11 @@ def run_model(model, cfg, slices, src, device, batch_size, desc):
 
 
 def translate_volume(fn, vol, affine, mask=None, percentiles=PERCENTILES, mask_rule="threshold",
-                     spacing=None, what="IN"):
-    """Steps 1-4 of the module docstring with the translator fn ((K, H, W) -> (K, H, W), both in [0, 1]):
+                     spacing=None, what="IN", keep_background=False):
+    """Steps 1-5 of the module docstring with the translator fn ((K, H, W) -> (K, H, W), both in [0, 1]):
     a float32 volume in vol's stored voxel order and shape. mask: bool, on vol's grid, or None.
-    spacing: the model's in-plane voxel size (mm), resampled to and back from; None = IN's own."""
+    spacing: the model's in-plane voxel size (mm), resampled to and back from; None = IN's own.
+    keep_background: the network's output everywhere, also outside a brain mask (step 5)."""
     vc, ac, _ = to_canonical(vol, affine)
     grid = {}
     if spacing:
@@ -93,7 +97,20 @@ def translate_volume(fn, vol, affine, mask=None, percentiles=PERCENTILES, mask_r
     X, Y, _ = vc.shape
     out = fn(np.ascontiguousarray(axial_display(v01, zs)))              # (K, Y, X) display slices
     geo = SliceGeometry(list(vol.shape), np.asarray(affine).tolist(), zs, [0, 0], [Y, X], **grid)
-    return slices_to_volume(out, geo)
+    out = slices_to_volume(out, geo)
+    brain = brain_outline(vol, mask, mask_rule)
+    if brain is not None and not keep_background:
+        out[~brain] = 0
+    return out
+
+
+def brain_outline(vol, mask, mask_rule):
+    """The voxels of vol (its own grid) a synthetic scan keeps, or None for all of them: --mask, or for
+    skull-stripped sources (mask rule "nonzero") the input's nonzero voxels, its own brain extraction. A
+    threshold (head) mask is a rough outline, not the brain, so it cuts nothing."""
+    if mask is not None:
+        return mask
+    return vol != 0 if mask_rule == "nonzero" else None
 
 
 def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
@@ -126,14 +143,17 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     rule = prep.get("mask_rule") or "threshold"
     spacing = prep.get("spacing")
     fn = lambda s: run_model(model, cfg, s, src, args.device, args.batch_size, f"{direction} slices")
-    out = translate_volume(fn, vol, affine, mask, pct, rule, spacing, what=src_path)
+    out = translate_volume(fn, vol, affine, mask, pct, rule, spacing, what=src_path,
+                           keep_background=args.keep_background)
+    cut = brain_outline(vol, mask, rule) is not None and not args.keep_background
     hdr = header.copy()
     hdr.set_data_dtype(np.float32)
     img = nib.Nifti1Image(out.reshape(shape), affine, hdr)
     img.header.set_slope_inter(1.0, 0.0)
     img.to_filename(dst_path)
     print(f"wrote {dst_path} ({direction}; shape {tuple(shape)}, {src_path}'s affine and header; mask: "
-          f"{'--mask' if mask_path else rule}; normalisation: percentiles {pct[0]:g}, {pct[1]:g} of the mask; "
+          f"{'--mask' if mask_path else rule}{', 0 outside it' if cut else ''}; normalisation: percentiles "
+          f"{pct[0]:g}, {pct[1]:g} of the mask; "
           + (f"resampled in-plane to the model's {spacing:g} mm and back)" if spacing else "IN's own spacing)"))
 
 
@@ -145,6 +165,8 @@ def main(argv=None):
     p.add_argument("--to", choices=("t1", "t2"), help="the contrast to make (default: the other one than IN's "
                                                       "file name says)")
     p.add_argument("--mask", metavar="M", help="brain mask NIfTI on IN's grid (default: the training data's rule)")
+    p.add_argument("--keep-background", action="store_true", help="keep the network's output outside the brain "
+                   "(default: 0 there, like the input, when the mask is --mask or a skull-stripped input's)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

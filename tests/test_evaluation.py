@@ -163,3 +163,31 @@ def test_brain_first_columns_and_the_background_note(tmp_path):
     note = E.background_note({"identity": {"T1": {"ssim": 0.69, "ssim_mask": 0.075}}})
     assert "SSIM 0.69" in note and "(inside the brain: 0.07)" in note and "\n" not in note
     assert E.background_note({"identity": {"T1": {"ssim": 0.0994, "ssim_mask": -0.32}}}) == ""   # the phantom: none
+
+
+def test_scoring_on_another_dataset(tmp_path):
+    """evaluate.py --data OTHER scores a checkpoint on another prepared dataset of the same size and spacing (here a
+    phantom drawn with another seed), and refuses one of another size or spacing with one sentence saying what
+    differs; a dataset with no test split is refused too."""
+    import evaluate as E
+    from types import SimpleNamespace
+    cfg = {"size": [112, 96], "prep": {"spacing": 2.0}}
+    same = SimpleNamespace(shape=(112, 96), meta={"spacing": 2.0})
+    assert E.data_mismatch(cfg, same) == ""
+    assert E.data_mismatch(cfg, SimpleNamespace(shape=(112, 96), meta={"spacing": None})) == \
+        "in-plane spacing the sources' own, not 2 mm"
+    assert E.data_mismatch({"size": [112, 96], "prep": None}, SimpleNamespace(shape=(64, 96), meta={"spacing": 1.5})) \
+        == "slices of 64x96, not 112x96 and in-plane spacing 1.5 mm, not the sources' own"
+    a, b, c = (str(tmp_path / n) for n in ("a", "b", "c"))
+    prepare_phantom(a, n_train=2, n_test=1, slices=1, size=(64, 64), seed=0, progress=False)
+    prepare_phantom(b, n_train=1, n_test=2, slices=1, size=(64, 64), seed=5, progress=False)
+    prepare_phantom(c, n_train=1, n_test=1, slices=1, size=(64, 80), seed=5, progress=False)
+    ckpt = train_tiny(a, tmp_path / "run", 1)
+    env = {**os.environ, "UNIT_ATTN": "naive"}
+    ev = lambda d: subprocess.run([sys.executable, "evaluate.py", ckpt, "--data", d], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+    r = ev(b)
+    assert r.returncode == 0 and f"scoring on {b}, not on the training data {a}" in r.stdout
+    assert "from 2 subjects" in r.stdout
+    r = ev(c)
+    assert r.returncode == 2 and "slices of 64x80, not 64x64" in r.stderr and r.stderr.count("\n") == 1

@@ -85,6 +85,27 @@ def test_identity_translator_gives_the_independently_normalised_input(name):
     assert outside and not out[:, :, outside].any()
 
 
+def test_skull_stripped_input_keeps_its_background():
+    """Mask rule "nonzero" (skull-stripped training data): 0 outside the input's nonzero voxels, on every slice;
+    --keep-background keeps the network's output there; a threshold (head) mask cuts nothing; --mask cuts
+    outside itself. The translator here answers 0.5 everywhere, so what is kept shows."""
+    vol, aff = head(seed=2), AFFINES["oblique"]
+    vol[vol < 100] = 0                                                 # skull-stripped: exact zeros outside
+    brain = vol != 0
+    half = lambda s: np.full_like(s, 0.5)
+    out = T.translate_volume(half, vol, aff, mask_rule="nonzero")
+    assert (out[brain] == 0.5).all() and (out[~brain] == 0).all()
+    raw = T.translate_volume(half, vol, aff, mask_rule="nonzero", keep_background=True)
+    zs = np.flatnonzero(brain.any(axis=(0, 1)))
+    assert (raw[:, :, zs[0]:zs[-1] + 1] == 0.5).all()                  # whole slices, as the network answers
+    head_only = T.translate_volume(half, vol, aff, mask_rule="threshold")
+    np.testing.assert_array_equal(head_only, raw)
+    own = np.zeros(vol.shape, bool)
+    own[5:20, 8:25, 3:10] = True
+    cut = T.translate_volume(half, vol, aff, mask=own, mask_rule="threshold")
+    assert (cut[own] == 0.5).all() and (cut[~own] == 0).all()
+
+
 def test_png_of_any_size_and_a_folder(tmp_path, ckpt):
     png = tmp_path / "slice_t2.png"
     Image.fromarray((np.random.default_rng(0).random((66, 75)) * 255).astype(np.uint8)).save(png)
