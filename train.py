@@ -75,8 +75,14 @@ class Config:
     beta1: float = opt(0.5, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
     batch_size: int = opt(8, "images per domain per step (not in the poster)")
+    crop: str = opt("", "train on random HxW crops of the slices (e.g. 64x64; multiples of 4, at least 64): more "
+                        "steps per minute; evaluation stays on whole slices (empty = whole slices)")
+    min_brain: float = opt(0.0, "train only on slices whose brain mask covers at least this fraction of the slice "
+                                "(0 = every slice)")
     epochs: int = opt(100, "passes over the training slices")
     max_steps: int = opt(0, "stop (and save) after this many steps in total; 0 = no limit")
+    max_minutes: float = opt(0.0, "end the run (evaluate, save, finished) at the first step after this many minutes of "
+                                  "training in total, resumed parts included; 0 = no limit")
     seed: int = opt(0, "seed of weights, data order and latent noise")
     amp: str = opt("fp32", "bf16: the G and D forward passes under torch.autocast in bfloat16 (losses, softmax "
                            "statistics, spectral norm and evaluation stay fp32)", choices=("fp32", "bf16"))
@@ -96,7 +102,7 @@ class Config:
 # off. On a 2-core machine it runs 1.3-2.7 it/s (the machine varies): 6 epochs of 225 iterations in 9-18 min (README).
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
 
-RESUMABLE = {"epochs", "max_steps", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
 
 
 def parse_args(argv=None):
@@ -227,6 +233,50 @@ def batch_indices(n, steps, batch_size, seed, epoch, domain):
     return perm.view(steps, batch_size).sort(dim=1).values.numpy()  # sorted rows: kinder to the memmap
 
 
+def train_slices(data, min_brain, q):
+    """Indices of the training slices of contrast q ('t1', 't2') a run draws from: all of them, or with
+    min_brain > 0 those whose brain mask covers at least that fraction of the slice (the edge slices of a
+    volume hold a few pixels of brain: steps spent on them teach little)."""
+    n = len(data.train_t1 if q == "t1" else data.train_t2)
+    if not min_brain:
+        return np.arange(n)
+    if data.train_mask is None or not data.paired:
+        raise UserError(f"--min-brain {min_brain} needs the brain masks of paired data, and {data.path} has "
+                        f"{'no masks' if data.train_mask is None else 'unpaired slices'}; pass --min-brain 0")
+    area = np.concatenate([np.asarray(data.train_mask[i:i + 512]).reshape(-1, data.shape[0] * data.shape[1]).mean(1)
+                           for i in range(0, n, 512)])
+    return np.flatnonzero(area >= min_brain)
+
+
+def parse_crop(text, size):
+    """--crop HxW as (h, w), or None for whole slices; UserError unless it fits the model and the slices."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise UserError(f"--crop {text} is not HxW (e.g. 64x64)") from None
+    if not size_ok(h, w) or h > size[0] or w > size[1]:
+        raise UserError(f"--crop {text}: height and width must be multiples of 4, at least 64 and at most the "
+                        f"slices' {size[0]}x{size[1]}")
+    return None if (h, w) == tuple(size) else (h, w)
+
+
+def crop_corners(n, size, crop, seed, step, domain):
+    """(n, 2) top-left corners (row, col) of the random crops of a step's global batch of n images of `size`
+    in one domain, uniform over the positions where the crop fits: a fixed function of (seed, step, domain),
+    like the batch order, so a resumed run crops what it would have cropped."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 2 + (domain == "b")) % 2 ** 63)
+    return torch.stack([torch.randint(0, size[0] - crop[0] + 1, (n,), generator=g),
+                        torch.randint(0, size[1] - crop[1] + 1, (n,), generator=g)], dim=1).numpy()
+
+
+def cut(x, corners, crop):
+    """Crops (B, h, w) of images x (B, H, W) at corners (B, 2)."""
+    h, w = crop
+    return np.stack([x[k, r:r + h, c:c + w] for k, (r, c) in enumerate(corners)])
+
+
 def latent_noise(gen, seed, step, draw, shape, rank):
     """N(0, I) noise shaped like this rank's latent codes `shape` = (B, C, h, w), for draw `draw` of
     step `step`. Sample j of the global batch has a stream of its own, seeded by (seed, step, draw,
@@ -350,8 +400,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         g_side, d_side = DDP(g_side, device_ids=ids), DDP(d_side, device_ids=ids)
 
     out, ch, bs = cfg["out"], cfg["channels"], cfg["batch_size"]
+    crop = parse_crop(cfg["crop"], data.shape)
     gbs = bs * world                                      # the global batch
-    n_a, n_b = len(data.train_t1), len(data.train_t2)   # differ only in unpaired PNG datasets
+    pool = {"a": train_slices(data, cfg["min_brain"], "t1"), "b": train_slices(data, cfg["min_brain"], "t2")}
+    n_a, n_b = len(pool["a"]), len(pool["b"])           # differ only in unpaired PNG datasets
     n_train = min(n_a, n_b)
     if n_train < gbs:
         raise UserError(f"{cfg['data']} has {n_train} training slices, fewer than the global batch {gbs} "
@@ -376,11 +428,15 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         epoch, i = divmod(step, steps_per_epoch)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = [batch_indices(n, steps_per_epoch, gbs, cfg["seed"], epoch, d)[:, rank * bs:(rank + 1) * bs]
-                             for n, d in ((n_a, "a"), (n_b, "b"))]
+            orders[epoch] = [pool[d][batch_indices(len(pool[d]), steps_per_epoch, gbs, cfg["seed"], epoch, d)
+                                     [:, rank * bs:(rank + 1) * bs]] for d in ("a", "b")]   # pools are sorted
         ia, ib = orders[epoch][0][i], orders[epoch][1][i]
-        return (to_model(data.train_t1[ia], ch, dev, non_blocking=True),   # (B, ch, H, W) in [-1, 1]
-                to_model(data.train_t2[ib], ch, dev, non_blocking=True))
+        xa, xb = data.train_t1[ia], data.train_t2[ib]                         # (B, H, W) in [0, 1]
+        if crop:                                                              # (B, h, w)
+            xa, xb = (cut(x, crop_corners(gbs, data.shape, crop, cfg["seed"], step, d)[rank * bs:(rank + 1) * bs], crop)
+                      for x, d in ((xa, "a"), (xb, "b")))
+        return (to_model(xa, ch, dev, non_blocking=True),                   # (B, ch, h, w) in [-1, 1]
+                to_model(xb, ch, dev, non_blocking=True))
 
     gen = torch.Generator(device=dev)
     noise_shape = None
@@ -393,6 +449,7 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     log = open(os.path.join(out, "metrics.jsonl"), "a") if lead else None
     progress = Progress(total, "step", start=step, enabled=lead, every_s=30)
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
+    seconds0 = (ckpt or {}).get("seconds") or 0.0         # training time of the run before this process
     bad = torch.zeros((), dtype=torch.long, device=dev)   # first step with a non-finite loss, 0 = none yet
     model.train()
     status, stopped, note, refs = 0, False, None, None
@@ -410,10 +467,16 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                 batch = fetch(step)                     # read and copy the next batch while the GPU works
 
             stopping = stop["signal"] is not None
+            late = bool(cfg["max_minutes"]) and seconds0 + time.time() - t_start >= 60 * cfg["max_minutes"]
             if world > 1:                               # a signal on any rank stops all of them, at the same step
-                flag = torch.tensor([int(stopping)])
+                flag = torch.tensor([int(stopping), int(late)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctl)
-                stopping = bool(flag.item())
+                stopping, late = bool(flag[0].item()), bool(flag[1].item())
+            if late and step < total:                   # the time is up: this step is the run's last
+                if lead:
+                    progress.write(f"--max-minutes {cfg['max_minutes']:g}: the time is up at step {step} of {total}; "
+                                   f"ending the run here")
+                total = progress.total = step
             epoch_end = step % steps_per_epoch == 0 or step == total
             if step % cfg["log_every"] == 0 or epoch_end or stopping:   # the only host syncs of the loop
                 if world > 1:
@@ -453,7 +516,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
                 latest = os.path.join(out, "ckpt.pt")
-                checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)
+                checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics,
+                                seconds=seconds0 + time.time() - t_start, finished=step == total)
                 if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
                     kept = os.path.join(out, f"ckpt_e{e:03d}.pt")
                     shutil.copyfile(latest, kept + ".tmp")
@@ -461,7 +525,7 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         if stopped:                                     # by a signal, here or on another rank
             if lead:
                 checkpoint.save(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch,
-                                step, last_metrics)
+                                step, last_metrics, seconds=seconds0 + time.time() - t_start)
                 progress.close()
                 how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
                 print(f"interrupted ({how}) at step {step}: saved {out}/ckpt.pt; continue with: "

@@ -64,6 +64,7 @@ def test_checkpoint_round_trip(tiny_data, tmp_path):
     assert ckpt["format"] == checkpoint.FORMAT and ckpt["step"] == 1
     assert set(ckpt) >= {"model", "opt_g", "opt_d", "config", "epoch", "rng"}
     assert ckpt["opt_g"]["state"] and ckpt["opt_d"]["state"]          # Adam moments are saved
+    assert ckpt["finished"] is True and 0 < ckpt["seconds"] < 600       # its last step; training time
     cfg = ckpt["config"]
     assert json.loads(json.dumps(cfg)) == cfg                          # plain types only
     model = checkpoint.build_model(cfg)
@@ -100,7 +101,8 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr
     assert "interrupted (SIGTERM)" in stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 1
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] >= 1 and ck["finished"] is False and ck["seconds"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -250,3 +252,55 @@ def test_checkpoints_from_before_amp_and_torchrun_still_load(tiny_data, tmp_path
     assert r.returncode == 0, r.stderr
     cfg = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["config"]
     assert cfg["amp"] == "fp32" and cfg["world_size"] == 1
+
+
+def test_random_crops_and_brain_slices_resume_exactly(tmp_path):
+    """--crop HxW trains on random crops, --min-brain on the slices with that much brain; both are fixed functions
+    of (seed, step/epoch, domain), so 2 steps straight equal 1 step + resume + 1 step, bit for bit."""
+    import numpy as np
+    from unit.data import load_prepared
+    data = str(tmp_path / "d")
+    prepare_phantom(data, n_train=8, n_test=1, slices=3, size=(64, 80), seed=1, progress=False)
+    d = load_prepared(data)
+    area = np.asarray(d.train_mask).reshape(len(d.train_mask), -1).mean(1)
+    t = float(np.sort(area)[len(area) // 2])                          # half of the slices have at least this much
+    assert np.array_equal(train.train_slices(d, t, "t1"), np.flatnonzero(area >= t))
+    assert np.array_equal(train.train_slices(d, 0, "t2"), np.arange(len(area)))
+    corners = train.crop_corners(500, (64, 80), (64, 64), seed=0, step=7, domain="a")
+    assert corners[:, 0].max() == 0 and corners[:, 1].min() == 0 and corners[:, 1].max() == 16   # every position
+    assert np.array_equal(corners, train.crop_corners(500, (64, 80), (64, 64), 0, 7, "a"))
+    assert not np.array_equal(corners, train.crop_corners(500, (64, 80), (64, 64), 0, 7, "b"))
+    x = np.arange(2 * 64 * 80).reshape(2, 64, 80)
+    np.testing.assert_array_equal(train.cut(x, [(0, 5), (0, 16)], (64, 64)), np.stack([x[0, :, 5:69], x[1, :, 16:80]]))
+    assert train.parse_crop("", (64, 80)) is None and train.parse_crop("64x80", (64, 80)) is None
+    for bad in ("64x84", "60x64", "big"):
+        with pytest.raises(train.UserError, match="--crop"):
+            train.parse_crop(bad, (64, 80))
+    flags = ["--data", data, "--crop", "64x64", "--min-brain", str(t), *TINY, "--eval-every", "0"]
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    r = run("train.py", *flags, "--out", str(a), "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{int((area >= t).sum())} training slices" in r.stdout
+    assert run("train.py", *flags, "--out", str(b), "--max-steps", "1").returncode == 0
+    assert run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "2").returncode == 0
+    wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    r = run("train.py", "--data", tiny_data_of(tmp_path), "--out", str(tmp_path / "x"), "--min-brain", "0.1", *TINY)
+    assert r.returncode == 2 and "needs the brain masks" in r.stderr
+
+
+def tiny_data_of(tmp_path):
+    """A 64x64 prepared dataset without masks (unpaired PNG-like)."""
+    import numpy as np
+    from unit.data import write_prepared
+    z = np.zeros((4, 64, 64), np.float16)
+    return write_prepared(str(tmp_path / "nomask"), z, z, z, z, {"source": "png", "layout": "folders", "seed": 0})
+
+
+def test_max_minutes_ends_the_run_when_the_time_is_up(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--data", tiny_data, "--out", str(out), "--epochs", "50", "--max-minutes", "0.0001", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "--max-minutes 0.0001: the time is up at step 1 of 150; ending the run here" in r.stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1 and ck["finished"] is True and ck["metrics"]["step"] == 1   # evaluated and saved as the end

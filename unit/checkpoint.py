@@ -2,7 +2,10 @@
 
     {"format": FORMAT, "version": 1, "config": {...plain types...}, "epoch": int, "step": int,
      "model": UNIT state_dict, "opt_g": Adam state, "opt_d": Adam state,
-     "rng": {"torch": ByteTensor, "cuda": [ByteTensor per GPU]}, "metrics": last eval line or None}
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor per GPU]}, "metrics": last eval line or None,
+     "seconds": wall time spent training so far (all processes that resumed it), "finished": bool}
+
+("seconds" and "finished" came after the first checkpoints: older files lack them; read with .get.)
 
 "config" is the resolved training config (train.py's Config as a dict), so that build_model()
 and evaluate.py need nothing else. Files are loaded with torch.load(weights_only=True): no pickled
@@ -20,14 +23,15 @@ FORMAT = "unit-mri-checkpoint"
 VERSION = 1
 
 
-def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics):
+def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False):
     """Write atomically (a temp file next to the target, then a rename): a run killed while saving
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. seconds: training wall time so far; finished: the run has
+    taken its last step."""
     ckpt = {"format": FORMAT, "version": VERSION, "config": cfg, "epoch": epoch, "step": step,
             "model": model.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "metrics": metrics}
+            "metrics": metrics, "seconds": seconds, "finished": bool(finished)}
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
