@@ -22,15 +22,10 @@ printed evaluate.py output is kept at the end of poster.md.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)                                   # so `import unit` works from anywhere
-
-from unit import UserError  # noqa: E402
-from unit.checkpoint import load as load_checkpoint  # noqa: E402
+from study import UserError, cell, dry_run, evaluate_all, train_all
 
 # (run name = train.py's default folder name, the poster's label, train.py flags, the poster's SSIM T1, T2
 # at epoch 75 on HCP at 304x256: a reference for the poster's configuration, not for other data)
@@ -55,55 +50,6 @@ def table_epochs(epochs):
     """The poster's epochs (of 100) scaled to a run of `epochs`: (all table epochs, the 75% one)."""
     scale = lambda p: max(1, int(epochs * p / 100 + 0.5))
     return sorted({scale(p) for p in POSTER_EPOCHS}), scale(75)
-
-
-def run(cmd, log=None):
-    """Run a command from the repository root, its output shown live; raise on failure."""
-    print("$ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE if log else None, text=True)
-    if r.returncode != 0:
-        raise UserError(f"`{' '.join(cmd)}` failed with status {r.returncode}; fix that and run the study again "
-                        f"(finished runs are kept)")
-    return r.stdout
-
-
-def train_all(runs, epochs, save, extra):
-    """Train every (variant, seed) in order, skipping finished runs and resuming interrupted ones."""
-    for n, (name, seed, flags, folder) in enumerate(runs):
-        done, latest = os.path.join(folder, f"ckpt_e{epochs:03d}.pt"), os.path.join(folder, "ckpt.pt")
-        head = f"[{n + 1}/{len(runs)}] {name} seed {seed}:"
-        if os.path.isfile(done):
-            print(f"{head} finished ({done}), skipped", flush=True)
-            continue
-        t0 = time.time()
-        if os.path.isfile(latest):
-            print(f"{head} resuming from {latest} (step {load_checkpoint(latest)['step']})", flush=True)
-            run([sys.executable, "train.py", "--resume", latest, "--epochs", str(epochs), "--save-epochs", save])
-        else:
-            print(f"{head} training", flush=True)
-            run([sys.executable, "train.py", *flags, "--seed", str(seed), "--out", folder, "--epochs", str(epochs),
-                 "--save-epochs", save, *extra])
-        if not os.path.isfile(done):
-            raise UserError(f"{folder}: train.py ended without writing {done}; see its output above")
-        print(f"{head} done in {(time.time() - t0) / 60:.1f} min", flush=True)
-
-
-def evaluate_all(ckpts, out_json, bootstrap):
-    """One evaluate.py call over all checkpoints: {path: its JSON row} and the printed tables."""
-    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--bootstrap", str(bootstrap)], log=True)
-    print(text, flush=True)
-    with open(out_json) as f:
-        rows = json.load(f)["checkpoints"]
-    return {r["ckpt"]: r for r in rows}, text
-
-
-def cell(values, fmt="{:.4f}"):
-    """'mean' for one value, 'mean ± sd' (sample sd over seeds) for several."""
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return fmt.format(m)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{fmt.format(m)} ± {sd:.4f}"
 
 
 def diff_cell(rows, base, c):
@@ -148,25 +94,26 @@ def main(argv=None):
     variants = [v for v in VARIANTS if v[0] in chosen]
 
     # the run length: asked of train.py itself, so its defaults (and CPU preset) stay in one place
-    cfg = json.loads(run([sys.executable, "train.py", "--dry-run", *extra] +
-                         (["--epochs", str(args.epochs)] if args.epochs else []), log=True).strip().splitlines()[-1])
+    cfg = dry_run([*extra] + (["--epochs", str(args.epochs)] if args.epochs else []))
     epochs = cfg["epochs"]
     t_epochs, t1_epoch = table_epochs(epochs)
     save = ",".join(str(e) for e in t_epochs)
     runs = [(name, seed, flags, os.path.join(args.out, f"{name}-seed{seed}"))
             for name, _, flags, _, _ in variants for seed in range(args.seeds)]
+    ck = lambda folder, e: os.path.join(folder, f"ckpt_e{e:03d}.pt")
     print(f"study: {len(variants)} variants x {args.seeds} seed(s), {epochs} epochs each (checkpoints at epochs "
           f"{save}), data {cfg['data'] or 'the built-in phantom ' + str(cfg['size'])}, device {cfg['device']}; "
           f"runs in {args.out}/", flush=True)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    train_all(runs, epochs, save, extra)
+    train_all([(f"{name} seed {seed}", folder, [*flags, "--seed", str(seed), "--out", folder, "--epochs", str(epochs),
+                                                 "--save-epochs", save, *extra])
+               for name, seed, flags, folder in runs], lambda folder: ck(folder, epochs))
     minutes = (time.time() - t0) / 60
 
     # table 1: the gray baseline first (the reference of the paired differences), then the poster's order
     ordered = sorted(runs, key=lambda r: r[0] != BASELINE)
-    ck = lambda folder, e: os.path.join(folder, f"ckpt_e{e:03d}.pt")
-    res1, text1 = evaluate_all([ck(f, t1_epoch) for _, _, _, f in ordered],
+    res1, _, text1 = evaluate_all([ck(f, t1_epoch) for _, _, _, f in ordered],
                                os.path.join(args.out, "table1.json"), args.bootstrap)
     any_row = next(iter(res1.values()))
     oracle = any_row["res"].get("oracle")
@@ -199,7 +146,7 @@ def main(argv=None):
     pair = [v for v in variants if v[0] in (BASELINE, BEST)]
     if pair:
         ckpts = [ck(f, e) for name, _, _, _, _ in pair for n, _, _, f in runs if n == name for e in t_epochs]
-        res2, text2 = evaluate_all(ckpts, os.path.join(args.out, "table2.json"), args.bootstrap)
+        res2, _, text2 = evaluate_all(ckpts, os.path.join(args.out, "table2.json"), args.bootstrap)
         texts.append(text2)
         lines += ["", f"## Table 2: {' and '.join(v[1] for v in pair)} over epochs {save} of {epochs} (the poster's "
                       f"1, 25, 50, 75, 100)", "", f"| model | epoch | {head} |", "|---" * (2 + 2 * len(METRICS)) + "|"]

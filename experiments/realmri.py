@@ -1,0 +1,201 @@
+"""The real-data benchmark in one command: BraTS 2018 patients prepared at 2 mm with the committed split
+(experiments/realmri-split.json: 24 train, 6 test), train.py run for each seed, and one markdown table of
+the test patients' scores, brain first, with 95% bootstrap intervals over them, to OUT/realmri.md.
+
+    python experiments/realmri.py /path/to/BraTS2018/training           # the CPU preset (or the GPU's
+                                                                         # defaults), seeds 0 and 1
+    python experiments/realmri.py SRC --name lr1e-4 -- --lr 1e-4         # another variant: flags after --
+                                                                         # go to train.py; the table holds
+                                                                         # every variant of OUT
+
+SRC is a BraTS 2018 training folder (<case>/<case>_t1.nii.gz, <case>_t2.nii.gz) holding the 30 cases of
+the split; data/prepare.py writes them once to OUT/data (--spacing 2 --size 112x96 --slices all). Each
+run lives in OUT/<name>-seed<k>/ and is a plain `python train.py --data OUT/data --seed k --out ...
+[flags]`; calling the benchmark again skips finished runs, resumes interrupted ones (train.py --resume)
+and re-scores everything: one evaluate.py call over the last checkpoint of every run in OUT, so all are
+scored on the same slices. A variant's flags are kept in OUT/<name>.json: a later call that gives the
+same name other flags is refused, so no run is taken for another variant's.
+
+Scores are means over test patients (each patient pools the pixels of all its slices), "T1" = T2w->T1w
+against the real T1w and "T2" = T1w->T2w against the real T2w; brain = the patient's nonzero (skull-
+stripped) voxels. The identity row (each direction's input as its output) and the real targets'
+checkerboard score give the scale. Wall time is each run's training time as train.py recorded it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from study import ROOT, UserError, cell, evaluate_all, load_checkpoint, machine, run, train_all
+
+SPLIT = os.path.join(ROOT, "experiments", "realmri-split.json")
+PREPARE = ["--spacing", "2", "--size", "112x96", "--slices", "all"]
+# the table's columns: (evaluate.py's key, header, format)
+COLUMNS = [("ssim_mask", "SSIM brain", "{:.3f}"), ("psnr_mask", "PSNR brain dB", "{:.2f}"),
+           ("mae_mask", "MAE brain", "{:.3f}"), ("ssim", "SSIM", "{:.3f}"), ("ms_ssim", "MS-SSIM", "{:.3f}"),
+           ("checker", "Checkerboard", "{:.4f}")]
+
+
+def prepare(src, data, split_file):
+    """OUT/data from SRC, once; a folder prepared with other settings or another split is refused."""
+    meta_path = os.path.join(data, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with open(split_file) as f:
+            split = json.load(f)
+        given = meta.get("split_file") or {}
+        if meta.get("spacing") != 2 or meta["shape"] != [112, 96] or [given.get("train"), given.get("test")] != \
+                [split["train"], split["test"]]:
+            raise UserError(f"{data} was prepared with other settings or another split than {split_file}; remove it "
+                            f"(or pass another --out) and run the benchmark again")
+        print(f"data: {data} (prepared before)", flush=True)
+        return
+    run([sys.executable, "data/prepare.py", "brats", src, "--out", data, *PREPARE, "--split", split_file, "--strict",
+         "--quiet"])
+
+
+def variant_flags(out, name, flags):
+    """The train.py flags of variant `name`: stored in OUT/<name>.json by its first call, checked after."""
+    path = os.path.join(out, f"{name}.json")
+    if os.path.isfile(path):
+        kept = json.load(open(path))["flags"]
+        if kept != flags:
+            raise UserError(f"variant {name} of {out} was trained with the train.py flags {kept or '(none)'}, not "
+                            f"{flags or '(none)'}; give this one another --name")
+        return kept
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"name": name, "flags": flags}, f)
+    os.replace(path + ".tmp", path)
+    return flags
+
+
+def runs_of(out):
+    """Every run of OUT with a checkpoint: {variant: [(seed, ckpt path)]}, variants in the order they were
+    first trained, seeds in order."""
+    variants = sorted((f[:-5] for f in os.listdir(out) if f.endswith(".json") and f != "table.json"),
+                      key=lambda v: os.path.getmtime(os.path.join(out, v + ".json")))
+    found = {}
+    for v in variants:
+        seeds = sorted(int(d.rsplit("-seed", 1)[1]) for d in os.listdir(out)
+                       if d.startswith(v + "-seed") and d.rsplit("-seed", 1)[1].isdigit()
+                       and os.path.isfile(os.path.join(out, d, "ckpt.pt")))
+        if seeds:
+            found[v] = [(s, os.path.join(out, f"{v}-seed{s}", "ckpt.pt")) for s in seeds]
+    return found
+
+
+def ci(value, lo_hi, fmt):
+    return f"{fmt.format(value)} [{fmt.format(lo_hi[0])}, {fmt.format(lo_hi[1])}]"
+
+
+def write_table(out, found, res, text, figure, split_file):
+    """OUT/realmri.md: one row per run (means over test patients, the brain SSIM with its 95% interval), one per
+    variant with several seeds (mean ± sd over seeds), the identity and real-target rows, and how it was made."""
+    refs = next(iter(res.values()))["res"]
+    head = " | ".join(f"{n} T1 | {n} T2" for _, n, _ in COLUMNS)
+    lines = ["# Real-data benchmark (`python experiments/realmri.py`)", "",
+             f"Test split: {refs['subjects']} patients ({refs['n']} slices of 112x96 at 2 mm; "
+             f"{os.path.relpath(split_file, ROOT)}), scores = means over patients; [95% bootstrap interval over patients]. "
+             f"T1 = T2w->T1w vs the real T1w, T2 = T1w->T2w vs the real T2w; brain = the skull-stripped patient's "
+             f"nonzero voxels. Machine: {machine()}.", "",
+             f"| run | steps | wall time | {head} |", "|---" * (3 + 2 * len(COLUMNS)) + "|"]
+    for v, runs in found.items():
+        rows = [res[p] for _, p in runs]
+        for (seed, path), r in zip(runs, rows):
+            ck = load_checkpoint(path)
+            sec = ck.get("seconds")
+            minutes = "?" if sec is None else f"{sec:.0f} s" if sec < 60 else f"{sec / 60:.1f} min"
+            cells = []
+            for k, _, fmt in COLUMNS:
+                for c in ("T1", "T2"):
+                    cells.append(ci(r["res"][c][k], r["ci"][c][k], fmt) if k == "ssim_mask" else fmt.format(r["res"][c][k]))
+            lines.append(f"| {v} seed {seed} | {r['step']} | {minutes} | " + " | ".join(cells) + " |")
+        if len(rows) > 1:
+            lines.append(f"| **{v}: mean ± sd over {len(rows)} seeds** | | | " + " | ".join(
+                cell([r["res"][c][k] for r in rows], fmt) for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
+    ident = refs["identity"]
+    lines.append("| identity (input as output) | | | " + " | ".join(
+        fmt.format(ident[c][k]) for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
+    lines.append("| real targets | | | " + " | ".join(
+        (fmt.format(refs["target"][c]) if k == "checker" else "") for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
+    lines += ["", "Checkerboard: the share of an image's spectral energy at the Nyquist frequency (period-2 artefacts); "
+                  "the identity row's is each direction's input's. Wall time: training as train.py recorded it "
+                  "(evaluation during training included)."]
+    if figure:
+        lines += ["", f"![translations of test patients]({os.path.basename(figure)})", "",
+                  "Figure: input | translation of each variant's seed-0 run (SSIM on it) | real target, and the "
+                  "absolute error under each translation (0-0.25). BraTS 2018 data: Menze et al., IEEE TMI 2015; "
+                  "Bakas et al., Nature Scientific Data 2017."]
+    lines += ["", "## evaluate.py's output", "", "```", text.strip(), "```", ""]
+    path = os.path.join(out, "realmri.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def bootstrap_means(rows, n_boot):
+    """For each checkpoint row of evaluate.py's JSON: "ci", the 95% interval of each metric's mean over test
+    patients, from the per-patient scores evaluate.py --json keeps."""
+    import numpy as np
+
+    from unit.evaluation import paired_bootstrap
+    for r in rows:
+        r["ci"] = {c: {k: paired_bootstrap(np.array(v, dtype=float), n_boot)[1:] for k, v in r["per_subject"][c].items()}
+                   for c in ("T1", "T2")}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                usage="%(prog)s SRC [options] [-- train.py flags of this variant]")
+    p.add_argument("src", metavar="SRC", help="BraTS 2018 training folder with the cases of experiments/realmri-split.json")
+    p.add_argument("--out", default="runs/realmri", help="folder of the prepared data, the runs and realmri.md")
+    p.add_argument("--name", default="default", help="this variant's name (its runs: OUT/NAME-seedK)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0 .. N-1 (default 2)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the intervals")
+    p.add_argument("--split", default=SPLIT, help="the subjects of each split (default: the committed "
+                                                  "experiments/realmri-split.json)")
+    p.add_argument("--figure-subjects", help="test patients shown in OUT/realmri.png, comma-separated (default: 3 "
+                                              "drawn with seed 0; the slice with the most brain of each)")
+    args = p.parse_args(argv)
+    if any(a in ("--data", "--out", "--seed", "--resume") for a in extra):
+        raise UserError("--data, --out, --seed and --resume are the benchmark's to set; pass --out and --seeds "
+                        "before `--`")
+    if args.seeds < 1 or not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UserError(f"--seeds must be at least 1 and --name letters, digits, '-', '_' or '.' (got {args.seeds}, "
+                        f"{args.name!r})")
+    data = os.path.join(args.out, "data")
+    prepare(args.src, data, args.split)
+    flags = variant_flags(args.out, args.name, extra)
+    t0 = time.time()
+    runs = [(f"{args.name} seed {s}", os.path.join(args.out, f"{args.name}-seed{s}"),
+             ["--data", data, "--seed", str(s), "--out", os.path.join(args.out, f"{args.name}-seed{s}"), *flags])
+            for s in range(args.seeds)]
+    train_all(runs, lambda folder: None)
+    print(f"training: {(time.time() - t0) / 60:.1f} min in this call", flush=True)
+
+    found = runs_of(args.out)
+    ckpts = [pth for runs_ in found.values() for _, pth in runs_]
+    figure = os.path.join(args.out, "realmri.png")
+    seed0 = [runs_[0][1] for runs_ in found.values()]
+    res, _, text = evaluate_all(ckpts, os.path.join(args.out, "table.json"), args.bootstrap)
+    bootstrap_means(res.values(), args.bootstrap)
+    run([sys.executable, "evaluate.py", *seed0, "--figure", figure] +
+        (["--subjects", args.figure_subjects] if args.figure_subjects else []), log=True)
+    path = write_table(args.out, found, res, text, figure, args.split)
+    print(f"wrote {path} and {figure}")
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,115 @@
+"""What the studies of experiments/ share: running train.py and evaluate.py as a user would (one run after
+another, as subprocesses), skipping finished runs and resuming interrupted ones, and the cells of their
+tables. poster.py (the poster's eight variants) and realmri.py (the real-data benchmark) import it; it
+is not a script.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)                                   # so `import unit` works from anywhere
+
+from unit import UserError  # noqa: E402
+from unit.checkpoint import load as load_checkpoint  # noqa: E402
+
+
+def run(cmd, log=None):
+    """Run a command from the repository root, its output shown live (log=True: captured and returned);
+    raise UserError on failure."""
+    print("$ " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE if log else None, text=True)
+    if r.returncode != 0:
+        raise UserError(f"`{' '.join(cmd)}` failed with status {r.returncode}; fix that and run the study again "
+                        f"(finished runs are kept)")
+    return r.stdout
+
+
+def dry_run(flags):
+    """The config train.py would run with these flags (its --dry-run): defaults and presets stay in train.py."""
+    return json.loads(run([sys.executable, "train.py", "--dry-run", *flags], log=True).strip().splitlines()[-1])
+
+
+def train_all(runs, done):
+    """Train every run in order: runs = [(label, folder, train.py flags)]; done(folder) -> the path of the file
+    whose presence means the run is finished, or None when ckpt.pt alone says so. A finished run is skipped,
+    one with only a ckpt.pt resumed (train.py --resume), any other started."""
+    for n, (label, folder, flags) in enumerate(runs):
+        latest, final = os.path.join(folder, "ckpt.pt"), done(folder)
+        head = f"[{n + 1}/{len(runs)}] {label}:"
+        if finished(latest, final):
+            print(f"{head} finished ({final or latest}), skipped", flush=True)
+            continue
+        t0 = time.time()
+        if os.path.isfile(latest):
+            print(f"{head} resuming from {latest} (step {load_checkpoint(latest)['step']})", flush=True)
+            run([sys.executable, "train.py", "--resume", latest, *resume_flags(flags)])
+        else:
+            print(f"{head} training", flush=True)
+            run([sys.executable, "train.py", *flags])
+        if not finished(latest, final):
+            raise UserError(f"{folder}: train.py ended before its last step; see its output above")
+        print(f"{head} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def finished(latest, final):
+    if final:
+        return os.path.isfile(final)
+    return os.path.isfile(latest) and bool(load_checkpoint(latest).get("finished"))
+
+
+RESUME_FLAGS = ("--epochs", "--save-epochs", "--max-steps")   # run-length flags a resumed run must be given again
+
+
+def resume_flags(flags):
+    """The run-length flags among a run's train.py flags (the rest is in its checkpoint)."""
+    out = []
+    for i, f in enumerate(flags):
+        if f in RESUME_FLAGS and i + 1 < len(flags):
+            out += [f, flags[i + 1]]
+    return out
+
+
+def evaluate_all(ckpts, out_json, bootstrap, extra=()):
+    """One evaluate.py call over all checkpoints: ({path: its JSON row}, the JSON, the printed tables)."""
+    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--bootstrap", str(bootstrap), *extra],
+               log=True)
+    print(text, flush=True)
+    with open(out_json) as f:
+        js = json.load(f)
+    if "checkpoints" not in js:                            # one checkpoint: evaluate.py's flat format
+        js = {"checkpoints": [{"ckpt": js["ckpt"], "epoch": js["epoch"], "step": js["step"], "config": js["config"],
+                               "res": {k: js[k] for k in ("n", "subjects", "T1", "T2", "identity", "target", "oracle")
+                                       if k in js}, "per_subject": js["per_subject"]}]}
+    return {r["ckpt"]: r for r in js["checkpoints"]}, js, text
+
+
+def cell(values, fmt="{:.4f}"):
+    """'mean' for one value, 'mean ± sd' (sample sd over seeds) for several."""
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt.format(m)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt.format(m)} ± {fmt.format(sd).lstrip('+')}"
+
+
+def machine():
+    """One line naming this machine: CPU model, cores, the vector units that matter, torch and its threads."""
+    import torch
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vec = "/".join(f.upper().replace("_", "-") for f in ("avx2", "fma", "avx512f") if f in flags) or "no AVX2"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores ({vec}), {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
