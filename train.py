@@ -71,12 +71,11 @@ class Config:
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
     w_kl_cyc: float = opt(0.1, "weight of the KL terms of the cycle codes")
     w_cyc: float = opt(100.0, "weight of cycle reconstruction x_aba ~ x_a, x_bab ~ x_b")
-    lr: float = opt(1e-4, "Adam learning rate (both G and D)")
+    lr: float = opt(1e-4, "Adam learning rate (G, and D unless --lr-d)")
+    lr_d: float = opt(0.0, "Adam learning rate of the discriminators (0 = --lr); SAGAN's TTUR uses 4x G's")
     beta1: float = opt(0.5, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
     batch_size: int = opt(8, "images per domain per step (not in the poster)")
-    crop: str = opt("", "train on random HxW crops of the slices (e.g. 64x64; multiples of 4, at least 64): more "
-                        "steps per minute; evaluation stays on whole slices (empty = whole slices)")
     min_brain: float = opt(0.0, "train only on slices whose brain mask covers at least this fraction of the slice "
                                 "(0 = every slice)")
     epochs: int = opt(100, "passes over the training slices")
@@ -248,35 +247,6 @@ def train_slices(data, min_brain, q):
     return np.flatnonzero(area >= min_brain)
 
 
-def parse_crop(text, size):
-    """--crop HxW as (h, w), or None for whole slices; UserError unless it fits the model and the slices."""
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise UserError(f"--crop {text} is not HxW (e.g. 64x64)") from None
-    if not size_ok(h, w) or h > size[0] or w > size[1]:
-        raise UserError(f"--crop {text}: height and width must be multiples of 4, at least 64 and at most the "
-                        f"slices' {size[0]}x{size[1]}")
-    return None if (h, w) == tuple(size) else (h, w)
-
-
-def crop_corners(n, size, crop, seed, step, domain):
-    """(n, 2) top-left corners (row, col) of the random crops of a step's global batch of n images of `size`
-    in one domain, uniform over the positions where the crop fits: a fixed function of (seed, step, domain),
-    like the batch order, so a resumed run crops what it would have cropped."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 2 + (domain == "b")) % 2 ** 63)
-    return torch.stack([torch.randint(0, size[0] - crop[0] + 1, (n,), generator=g),
-                        torch.randint(0, size[1] - crop[1] + 1, (n,), generator=g)], dim=1).numpy()
-
-
-def cut(x, corners, crop):
-    """Crops (B, h, w) of images x (B, H, W) at corners (B, 2)."""
-    h, w = crop
-    return np.stack([x[k, r:r + h, c:c + w] for k, (r, c) in enumerate(corners)])
-
-
 def latent_noise(gen, seed, step, draw, shape, rank):
     """N(0, I) noise shaped like this rank's latent codes `shape` = (B, C, h, w), for draw `draw` of
     step `step`. Sample j of the global batch has a stream of its own, seeded by (seed, step, draw,
@@ -371,7 +341,7 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
 def make_optimizers(model, cfg):
     betas = (cfg["beta1"], cfg["beta2"])
     return (torch.optim.Adam(model.generator_params(), lr=cfg["lr"], betas=betas),
-            torch.optim.Adam(model.discriminator_params(), lr=cfg["lr"], betas=betas))
+            torch.optim.Adam(model.discriminator_params(), lr=cfg.get("lr_d") or cfg["lr"], betas=betas))
 
 
 def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
@@ -400,7 +370,6 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         g_side, d_side = DDP(g_side, device_ids=ids), DDP(d_side, device_ids=ids)
 
     out, ch, bs = cfg["out"], cfg["channels"], cfg["batch_size"]
-    crop = parse_crop(cfg["crop"], data.shape)
     gbs = bs * world                                      # the global batch
     pool = {"a": train_slices(data, cfg["min_brain"], "t1"), "b": train_slices(data, cfg["min_brain"], "t2")}
     n_a, n_b = len(pool["a"]), len(pool["b"])           # differ only in unpaired PNG datasets
@@ -431,12 +400,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             orders[epoch] = [pool[d][batch_indices(len(pool[d]), steps_per_epoch, gbs, cfg["seed"], epoch, d)
                                      [:, rank * bs:(rank + 1) * bs]] for d in ("a", "b")]   # pools are sorted
         ia, ib = orders[epoch][0][i], orders[epoch][1][i]
-        xa, xb = data.train_t1[ia], data.train_t2[ib]                         # (B, H, W) in [0, 1]
-        if crop:                                                              # (B, h, w)
-            xa, xb = (cut(x, crop_corners(gbs, data.shape, crop, cfg["seed"], step, d)[rank * bs:(rank + 1) * bs], crop)
-                      for x, d in ((xa, "a"), (xb, "b")))
-        return (to_model(xa, ch, dev, non_blocking=True),                   # (B, ch, h, w) in [-1, 1]
-                to_model(xb, ch, dev, non_blocking=True))
+        return (to_model(data.train_t1[ia], ch, dev, non_blocking=True),   # (B, ch, H, W) in [-1, 1]
+                to_model(data.train_t2[ib], ch, dev, non_blocking=True))
 
     gen = torch.Generator(device=dev)
     noise_shape = None

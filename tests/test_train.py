@@ -254,29 +254,19 @@ def test_checkpoints_from_before_amp_and_torchrun_still_load(tiny_data, tmp_path
     assert cfg["amp"] == "fp32" and cfg["world_size"] == 1
 
 
-def test_random_crops_and_brain_slices_resume_exactly(tmp_path):
-    """--crop HxW trains on random crops, --min-brain on the slices with that much brain; both are fixed functions
-    of (seed, step/epoch, domain), so 2 steps straight equal 1 step + resume + 1 step, bit for bit."""
+def test_brain_slices_resume_exactly(tmp_path):
+    """--min-brain trains on the slices with that much brain; the pool is a fixed function of the data, and the
+    batch order of (seed, epoch, domain), so 2 steps straight equal 1 step + resume + 1 step, bit for bit."""
     import numpy as np
     from unit.data import load_prepared
     data = str(tmp_path / "d")
-    prepare_phantom(data, n_train=8, n_test=1, slices=3, size=(64, 80), seed=1, progress=False)
+    prepare_phantom(data, n_train=8, n_test=1, slices=3, size=(64, 64), seed=1, progress=False)
     d = load_prepared(data)
     area = np.asarray(d.train_mask).reshape(len(d.train_mask), -1).mean(1)
     t = float(np.sort(area)[len(area) // 2])                          # half of the slices have at least this much
     assert np.array_equal(train.train_slices(d, t, "t1"), np.flatnonzero(area >= t))
     assert np.array_equal(train.train_slices(d, 0, "t2"), np.arange(len(area)))
-    corners = train.crop_corners(500, (64, 80), (64, 64), seed=0, step=7, domain="a")
-    assert corners[:, 0].max() == 0 and corners[:, 1].min() == 0 and corners[:, 1].max() == 16   # every position
-    assert np.array_equal(corners, train.crop_corners(500, (64, 80), (64, 64), 0, 7, "a"))
-    assert not np.array_equal(corners, train.crop_corners(500, (64, 80), (64, 64), 0, 7, "b"))
-    x = np.arange(2 * 64 * 80).reshape(2, 64, 80)
-    np.testing.assert_array_equal(train.cut(x, [(0, 5), (0, 16)], (64, 64)), np.stack([x[0, :, 5:69], x[1, :, 16:80]]))
-    assert train.parse_crop("", (64, 80)) is None and train.parse_crop("64x80", (64, 80)) is None
-    for bad in ("64x84", "60x64", "big"):
-        with pytest.raises(train.UserError, match="--crop"):
-            train.parse_crop(bad, (64, 80))
-    flags = ["--data", data, "--crop", "64x64", "--min-brain", str(t), *TINY, "--eval-every", "0"]
+    flags = ["--data", data, "--min-brain", str(t), *TINY, "--eval-every", "0"]
     a, b = tmp_path / "straight", tmp_path / "resumed"
     r = run("train.py", *flags, "--out", str(a), "--max-steps", "2")
     assert r.returncode == 0, r.stderr
@@ -304,3 +294,12 @@ def test_max_minutes_ends_the_run_when_the_time_is_up(tiny_data, tmp_path):
     assert "--max-minutes 0.0001: the time is up at step 1 of 150; ending the run here" in r.stderr
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 1 and ck["finished"] is True and ck["metrics"]["step"] == 1   # evaluated and saved as the end
+
+
+def test_discriminator_learning_rate():
+    cfg, _, _ = train.resolve_config({"lr": 3e-4, "lr_d": 1.2e-3, "width": 4}, full=True, resume=None)
+    model = checkpoint.build_model(cfg)
+    opt_g, opt_d = train.make_optimizers(model, cfg)
+    assert opt_g.param_groups[0]["lr"] == 3e-4 and opt_d.param_groups[0]["lr"] == 1.2e-3
+    cfg["lr_d"] = 0                                                      # 0: the discriminators take --lr
+    assert train.make_optimizers(model, cfg)[1].param_groups[0]["lr"] == 3e-4
