@@ -45,7 +45,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -58,6 +57,7 @@ from pathlib import Path
 import torch
 
 from unit.attention import CPU_MARGIN, attention_reference as naive_attention, attention_sdpa
+from unit.hardware import machine
 
 ROOT = Path(__file__).resolve().parent
 # name: (d, c, N, B); B None = the device's default (8 on GPU). GPU: 304x256 at width 64.
@@ -88,22 +88,6 @@ def reference_o(q, k, v):
     """float64 naive attention of the first image (for the err column)."""
     q, k, v = (x[:1].double() for x in (q, k, v))
     return naive_attention(q, k, v)
-
-
-def machine(device):
-    """The device, named as a reader can look it up: GPU name, or CPU model and its vector units."""
-    if device == "cuda":
-        cc = torch.cuda.get_device_capability()
-        return f"{torch.cuda.get_device_name()} (sm_{cc[0]}{cc[1]}), CUDA {torch.version.cuda}"
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.*)$", info, re.M).group(1).strip()
-        have = set(re.search(r"^flags\s*:\s*(.*)$", info, re.M).group(1).split())
-        flags = "/".join(f for f in ("avx2", "fma", "avx512f") if f in have)
-    except (OSError, AttributeError):
-        pass
-    return f"{model}, {os.cpu_count()} cores, {flags or 'no AVX2'}, {torch.get_num_threads()} threads"
 
 
 def stamp(device):

@@ -27,7 +27,10 @@ import os
 import sys
 import time
 
-from study import ROOT, UserError, cell, evaluate_all, load_checkpoint, machine, run, train_all
+import torch
+
+from study import ROOT, UserError, cell, evaluate_all, load_checkpoint, run, train_all
+from unit.hardware import machine
 
 SPLIT = os.path.join(ROOT, "experiments", "realmri-split.json")
 PREPARE = ["--spacing", "2", "--size", "112x96", "--slices", "all"]
@@ -100,7 +103,7 @@ def write_table(out, found, res, text, figure, split_file):
              f"Test split: {refs['subjects']} patients ({refs['n']} slices of 112x96 at 2 mm; "
              f"{os.path.relpath(split_file, ROOT)}), scores = means over patients; [95% bootstrap interval over patients]. "
              f"T1 = T2w->T1w vs the real T1w, T2 = T1w->T2w vs the real T2w; brain = the skull-stripped patient's "
-             f"nonzero voxels. Machine: {machine()}.", "",
+             f"nonzero voxels. Machine: {machine()}; torch {torch.__version__}.", "",
              f"| run | steps | wall time | {head} |", "|---" * (3 + 2 * len(COLUMNS)) + "|"]
     for v, runs in found.items():
         rows = [res[p] for _, p in runs]

@@ -5,7 +5,6 @@ is not a script.
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -94,22 +93,3 @@ def cell(values, fmt="{:.4f}"):
         return fmt.format(m)
     sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{fmt.format(m)} ± {fmt.format(sd).lstrip('+')}"
-
-
-def machine():
-    """One line naming this machine: CPU model, cores, the vector units that matter, torch and its threads."""
-    import torch
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vec = "/".join(f.upper().replace("_", "-") for f in ("avx2", "fma", "avx512f") if f in flags) or "no AVX2"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores ({vec}), {gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
