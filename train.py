@@ -96,10 +96,27 @@ class Config:
 
 
 # Without CUDA the poster's configuration is far too slow (2 cores: ~4 s per iteration already at
-# 128x112 with width 16, and the poster's width 64 at 304x256 is ~100x more work), so a CPU run picks
-# this reduced preset for every field not given on the command line, prints it, and --full turns it
-# off. On a 2-core machine it runs 1.3-2.7 it/s (the machine varies): 6 epochs of 225 iterations in 9-18 min (README).
+# 128x112 with width 16, and the poster's width 64 at 304x256 is ~100x more work), so a CPU run picks a
+# reduced preset for every field not given on the command line, prints it, and --full turns it off. There
+# are two, as the data asks for different things (measured on 2 cores; docs/realmri.md):
+# - the built-in phantom: 1.3-2.7 it/s (the machine varies), 6 epochs of 225 iterations in 9-18 min;
+# - real scans (--data prepared from NIfTI, e.g. BraTS at 2 mm, 112x96): resize upsampling (no checkerboard),
+#   batch 2 and a learning rate of 6e-4 for G and 4x that for D (the discriminators barely learned at the
+#   phantom's settings), 3300 steps (~25 min at 2.2 it/s), and a time guard that ends a slower machine's run
+#   at 28 minutes, so a run takes at most ~30.
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
+CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, upsample="resize", max_steps=3300,
+                        max_minutes=28.0, eval_every=1)
+
+def data_source(path):
+    """meta.json's "source" of a prepared dataset ("phantom", "brats", ...), or None when it cannot be read
+    (loading the data later says why)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
 
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
 
@@ -147,11 +164,12 @@ def resolve_config(given, full, resume, world=1):
     device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     note = "poster settings"
     if device == "cpu" and not full:
-        preset = {k: v for k, v in CPU_PRESET.items() if k not in given}
+        scans = bool(given.get("data")) and data_source(given["data"]) not in (None, "phantom")
+        preset = {k: v for k, v in (CPU_PRESET_SCANS if scans else CPU_PRESET).items() if k not in given}
         cfg.update(preset)
         shown = {k: v for k, v in preset.items() if k != "size" or not given.get("data")}  # data sets the size
-        note = ("no CUDA: reduced CPU preset " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
-                " (pass --full for the poster configuration)")
+        note = (f"no CUDA: reduced CPU preset for {'real scans' if scans else 'the phantom'} " +
+                ", ".join(f"{k}={v}" for k, v in shown.items()) + " (pass --full for the poster configuration)")
     cfg.update(given)
     cfg["device"] = device
     return cfg, None, note

@@ -167,6 +167,20 @@ def test_config_precedence_flags_over_cpu_preset_over_defaults():
     assert cfg["width"] == train.Config().width and note == "poster settings"
 
 
+def test_real_scans_get_their_own_cpu_preset(tiny_data, tmp_path):
+    """--data prepared from NIfTI (meta.json source: not the phantom) picks CPU_PRESET_SCANS, flags still win."""
+    import numpy as np
+    from unit.data import write_prepared
+    z = np.zeros((4, 64, 64), np.float16)
+    scans = write_prepared(str(tmp_path / "brats"), z, z, z, z, {"source": "brats", "layout": "brats", "seed": 0})
+    cfg, _, note = train.resolve_config({"data": scans, "lr": 1e-3}, full=False, resume=None)
+    assert {k: cfg[k] for k in train.CPU_PRESET_SCANS if k != "lr"} == \
+        {k: v for k, v in train.CPU_PRESET_SCANS.items() if k != "lr"} and cfg["lr"] == 1e-3
+    assert "preset for real scans" in note and "lr=" not in note.replace("lr_d=", "")
+    cfg, _, note = train.resolve_config({"data": tiny_data}, full=False, resume=None)   # the phantom's
+    assert cfg["batch_size"] == train.CPU_PRESET["batch_size"] and "preset for the phantom" in note
+
+
 def test_batch_order_is_a_function_of_seed_epoch_domain():
     import numpy as np
     a = train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a")
