@@ -73,6 +73,8 @@ class Config:
     w_cyc: float = opt(100.0, "weight of cycle reconstruction x_aba ~ x_a, x_bab ~ x_b")
     lr: float = opt(1e-4, "Adam learning rate (G, and D unless --lr-d)")
     lr_d: float = opt(0.0, "Adam learning rate of the discriminators (0 = --lr); SAGAN's TTUR uses 4x G's")
+    lr_decay: float = opt(0.0, "over this last fraction of the run both learning rates fall linearly towards 0 "
+                               "(CycleGAN: 0.5; 0 = constant)")
     beta1: float = opt(0.5, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
     batch_size: int = opt(8, "images per domain per step (not in the poster)")
@@ -356,6 +358,19 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl]).detach()
 
 
+def lr_factor(step, total, decay):
+    """The learning rates' factor at step (0-based) of a run of `total` steps: 1, then over the last `decay` of
+    the run a linear fall towards 0 (CycleGAN's schedule with decay = 0.5; 0 = constant). A function of the step,
+    so a resumed run follows the same schedule."""
+    start = total * (1 - decay)
+    return 1.0 if not decay or step < start else max(0.0, (total - step) / (total - start))
+
+
+def set_lr(opt_g, opt_d, cfg, factor):
+    opt_g.param_groups[0]["lr"] = cfg["lr"] * factor
+    opt_d.param_groups[0]["lr"] = (cfg.get("lr_d") or cfg["lr"]) * factor
+
+
 def make_optimizers(model, cfg):
     betas = (cfg["beta1"], cfg["beta2"])
     return (torch.optim.Adam(model.generator_params(), lr=cfg["lr"], betas=betas),
@@ -443,6 +458,7 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             if noise_shape is None:
                 noise_shape = model.code_shape(x_a)
             noise = lambda k, s=step: latent_noise(gen, cfg["seed"], s, k, noise_shape, rank)
+            set_lr(opt_g, opt_d, cfg, lr_factor(step, total, cfg["lr_decay"]))
             losses = train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg)
             step += 1
             bad = torch.where((bad == 0) & ~torch.isfinite(losses).all(), step, bad)

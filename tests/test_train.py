@@ -310,6 +310,22 @@ def test_max_minutes_ends_the_run_when_the_time_is_up(tiny_data, tmp_path):
     assert ck["step"] == 1 and ck["finished"] is True and ck["metrics"]["step"] == 1   # evaluated and saved as the end
 
 
+def test_learning_rate_decay_follows_the_step_and_resumes_exactly(tiny_data, tmp_path):
+    """--lr-decay F: constant, then a linear fall towards 0 over the last F of the run (CycleGAN's schedule), a
+    function of the step; with it 2 steps + resume + 2 steps still equal 4 steps, bit for bit."""
+    assert [train.lr_factor(s, 8, 0.5) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert all(train.lr_factor(s, 8, 0) == 1 for s in range(8))
+    flags = ["--data", tiny_data, *TINY, "--eval-every", "0", "--lr-decay", "0.5"]
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert run("train.py", *flags, "--out", str(a), "--max-steps", "4").returncode == 0
+    assert run("train.py", *flags, "--out", str(b), "--max-steps", "2").returncode == 0
+    assert run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "4").returncode == 0
+    wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ck = torch.load(a / "ckpt.pt", weights_only=True)                 # step 3 of 4 ran at half the rates
+    assert ck["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 0.5)
+
+
 def test_discriminator_learning_rate():
     cfg, _, _ = train.resolve_config({"lr": 3e-4, "lr_d": 1.2e-3, "width": 4}, full=True, resume=None)
     model = checkpoint.build_model(cfg)
