@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from unit import UserError, checkpoint
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, to_model
+from unit.io import Appender, WriteError, copy_file, write_png, write_text
 from unit.losses import charbonnier_loss, gan_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
 from unit.nifti import LAYOUT_MASK_RULE
@@ -253,7 +253,7 @@ def sample_grid(model, data, cfg, path, n=4):
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
         grid = torch.cat([torch.cat(list(from_model(r)), dim=1) for r in rows], dim=0)
     model.train(was)
-    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    write_png(path, Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)))
 
 
 def peak_mem_mb(dev):
@@ -389,7 +389,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     def on_signal(signum, frame):
         stop["signal"] = signum
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(out, "metrics.jsonl"), "a") if lead else None
+    log = Appender(os.path.join(out, "metrics.jsonl")) if lead else None
+    saved = ckpt["step"] if ckpt else None               # step of the last checkpoint written (or resumed from)
     progress = Progress(total, "step", start=step, enabled=lead, every_s=30)
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
     bad = torch.zeros((), dtype=torch.long, device=dev)   # first step with a non-finite loss, 0 = none yet
@@ -429,7 +430,6 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     log.write(json.dumps({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                                           "time": round(time.time() - t_start, 3), **vals,
                                           "peak_mem_mb": peak_mem_mb(dev)}) + "\n")
-                    log.flush()
             progress.set(step, note)                    # the losses shown are those last read
             if stopping and step < total:
                 stopped = True
@@ -444,7 +444,6 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                                     **{f"identity_{k}": res["identity"][k] for k in ("ssim", "ssim_mask")
                                        if k in res["identity"]}}
                     log.write(json.dumps(last_metrics) + "\n")
-                    log.flush()
                     progress.close()
                     scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity'][k]:.4f})"
                     brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
@@ -452,14 +451,14 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
                 latest = os.path.join(out, "ckpt.pt")
                 checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics)
+                saved = step
                 if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
-                    kept = os.path.join(out, f"ckpt_e{e:03d}.pt")
-                    shutil.copyfile(latest, kept + ".tmp")
-                    os.replace(kept + ".tmp", kept)
+                    copy_file(latest, os.path.join(out, f"ckpt_e{e:03d}.pt"))
         if stopped:                                     # by a signal, here or on another rank
             if lead:
                 checkpoint.save(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch,
                                 step, last_metrics)
+                saved = step
                 progress.close()
                 how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
                 print(f"interrupted ({how}) at step {step}: saved {out}/ckpt.pt; continue with: "
@@ -470,6 +469,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             status = 130 if world == 1 else 0
         if world > 1:
             dist.barrier(group=ctl)                     # no rank leaves before rank 0 has written
+    except WriteError as e:                             # disk full, read-only: stop now, not train on unsaved
+        last = (f"the last checkpoint is {out}/ckpt.pt at step {saved}" if saved is not None and
+                os.path.isfile(os.path.join(out, "ckpt.pt")) else "this run saved no checkpoint")
+        raise WriteError(f"{e}; training stopped at step {step} and {last}") from None
     finally:
         progress.close()
         if log:
@@ -509,8 +512,7 @@ def main(argv=None):
         if rank == 0:
             print(f"config ({note}):")
             print("  " + json.dumps(cfg))
-            with open(os.path.join(cfg["out"], "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
+            write_text(os.path.join(cfg["out"], "config.json"), json.dumps(cfg, indent=2))
         _, code = train(cfg, data, ckpt, device, rank, world)
     finally:
         if world > 1:
@@ -521,6 +523,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:  # unit.data.DataError is one too
+    except UserError as e:  # unit.data.DataError is one too; unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

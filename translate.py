@@ -35,6 +35,7 @@ from unit.data import DataError
 from unit.evaluation import translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
+from unit.io import make_folder, write_nifti, write_png
 from unit.nifti import PERCENTILES, apply_range, derive_mask, load_nifti, read_png, robust_range
 from unit.progress import Progress
 
@@ -107,7 +108,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
             raise UserError(f"{src_path} is a PNG, so OUT must be a .png file too, not {dst_path}")
         img = read_png(src_path)                                         # (H, W) in [0, 1], as prepare.py
         out = run_model(model, cfg, img[None], src, args.device, args.batch_size, f"{direction} slice")[0]
-        Image.fromarray(np.round(out * 255).astype(np.uint8)).save(dst_path)
+        write_png(dst_path, Image.fromarray(np.round(out * 255).astype(np.uint8)))
         print(f"wrote {dst_path} ({direction}, {img.shape[0]}x{img.shape[1]})")
         return
     if not dst_path.endswith(NIFTI):
@@ -131,7 +132,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     hdr.set_data_dtype(np.float32)
     img = nib.Nifti1Image(out.reshape(shape), affine, hdr)
     img.header.set_slope_inter(1.0, 0.0)
-    img.to_filename(dst_path)
+    write_nifti(dst_path, img)
     print(f"wrote {dst_path} ({direction}; shape {tuple(shape)}, {src_path}'s affine and header; mask: "
           f"{'--mask' if mask_path else rule}; normalisation: percentiles {pct[0]:g}, {pct[1]:g} of the mask; "
           + (f"resampled in-plane to the model's {spacing:g} mm and back)" if spacing else "IN's own spacing)"))
@@ -156,7 +157,7 @@ def main(argv=None):
         files = sorted(f for f in os.listdir(args.input) if f.endswith(NIFTI))
         if not files:
             raise UserError(f"{args.input} holds no .nii or .nii.gz files")
-        os.makedirs(args.output, exist_ok=True)
+        make_folder(args.output)
     else:
         if not os.path.isfile(args.input):
             raise UserError(f"IN {args.input} does not exist")
@@ -181,6 +182,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:   # DataError is one too
+    except UserError as e:   # DataError is one too; unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)
