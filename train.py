@@ -547,6 +547,8 @@ def main(argv=None):
     cfg, ckpt, note = resolve_config(given, full, resume, world)
     hw = check_config(cfg, given) if not resume else None
     if dry:
+        if cfg["data"] and not resume:                  # the data decides the size, as in get_data()
+            cfg["size"] = list(load_prepared(cfg["data"]).shape)
         print(json.dumps(cfg))
         return 0
     device = cfg["device"]
