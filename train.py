@@ -424,6 +424,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     if cfg["attn"] != "none":
         from unit.attention import describe
         say(f"self-attention ({cfg['attn']}): {describe()}")
+    if cfg["eval_every"] and not data.paired:
+        say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "
+            f"(translated slices have no pixel-aligned ground truth, as evaluate.py says); sample grids are still "
+            f"written and show unpaired test slices")
 
     orders = {}
     def fetch(step):
@@ -493,7 +497,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
 
             if epoch_end and lead:                      # end of an epoch (or of the run): rank 0 writes
                 e = math.ceil(step / steps_per_epoch)
-                if cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total):
+                due = cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total)
+                if due and not data.paired:             # no scores on unpaired data (said at the start)
+                    sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
+                elif due:
                     res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None)
                     last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
                                     **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
