@@ -32,6 +32,7 @@ source grid, with the source affine and header and intensities mapped back to th
 3-D SSIM, PSNR and MAE per subject are computed on the prepared [0, 1] scale.
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import load_prepared
 from unit.evaluation import evaluate, figure_slices, has_brain_mask, paired_bootstrap, to_model, translate
-from unit.io import make_folder, write_nifti, write_png, write_text
+from unit.io import make_folder, refuse_existing, write_nifti, write_png, write_text
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
 
@@ -342,6 +343,8 @@ def main(argv=None):
     v.add_argument("--layout", help="layout of SRC: hcp, brats, ixi or folders")
     v.add_argument("--hcp-space", default="acpc", choices=("acpc", "mni"), help="for --layout hcp")
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (--json, --csv, "
+                   "--figure, --spectra, and the images, maps or volumes in --save-images, --attention-maps, --out)")
     args = p.parse_args(argv)
     if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
@@ -362,6 +365,8 @@ def main(argv=None):
         raise UserError(f"--queries {args.queries!r}: each point is row,col")
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
+    if not args.overwrite:                              # fail now, not after scoring
+        refuse_existing(existing_outputs(args))
 
     rows, data, data_path, idx = [], None, None, None
     subjects = args.subjects.split(",") if args.subjects else None
@@ -435,6 +440,20 @@ def main(argv=None):
         print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1; the slice with the most "
               f"brain of {len(shown)} test subjects, drawn with seed 0)")
     return rows[0]["res"] if len(rows) == 1 else rows
+
+
+def existing_outputs(args):
+    """The files that this evaluation would write and that exist already."""
+    there = [f for f in (args.json, args.csv, args.figure, args.spectra) if f and os.path.lexists(f)]
+    if args.save_images:
+        there += sorted(glob.glob(os.path.join(args.save_images, "test_*.png")))
+    if args.attention_maps:
+        there += [f for f in (os.path.join(args.attention_maps, n) for n in
+                              ("attention_t1_to_t2.png", "attention_t2_to_t1.png", "attention.json"))
+                  if os.path.lexists(f)]
+    if args.volumes and args.out:
+        there += sorted(glob.glob(os.path.join(args.out, "*_t[12]_to_t[12].nii.gz")))
+    return there
 
 
 def write_csv(path, rows, cols=COLUMNS):

@@ -35,7 +35,7 @@ from unit.data import DataError
 from unit.evaluation import translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
-from unit.io import make_folder, write_nifti, write_png
+from unit.io import make_folder, refuse_existing, write_nifti, write_png
 from unit.nifti import PERCENTILES, apply_range, derive_mask, load_nifti, read_png, robust_range
 from unit.progress import Progress
 
@@ -148,6 +148,8 @@ def main(argv=None):
     p.add_argument("--mask", metavar="M", help="brain mask NIfTI on IN's grid (default: the training data's rule)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (or the files it would write in an OUT "
+                                                            "folder) if it exists")
     args = p.parse_args(argv)
     model, ckpt = load_model(args.ckpt, args.device)
     cfg = ckpt["config"]
@@ -164,6 +166,7 @@ def main(argv=None):
         if not args.input.lower().endswith(NIFTI + (".png",)):
             raise UserError(f"IN {args.input} is not a NIfTI (.nii, .nii.gz) or PNG file, nor a folder")
         files = [None]
+    jobs = []
     for f in files:
         src = args.input if f is None else os.path.join(args.input, f)
         to = args.to or contrast_target(os.path.basename(src))
@@ -175,6 +178,10 @@ def main(argv=None):
         else:
             stem = f[:-len(next(e for e in NIFTI if f.endswith(e)))]
             dst = os.path.join(args.output, f"{stem}_to_{to}.nii.gz")
+        jobs.append((src, dst, to))
+    if not args.overwrite:                              # before any work: nothing is replaced unasked
+        refuse_existing([dst for _, dst, _ in jobs], "OUT")
+    for src, dst, to in jobs:
         translate_file(model, cfg, src, dst, to, args.mask, args)
     return 0
 
