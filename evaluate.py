@@ -116,7 +116,8 @@ def save_images(out_dir, idx, t1, t2, fake_t1, fake_t2):
     make_folder(out_dir)
     for i in idx:
         row = torch.cat([t1[i], fake_t2[i], t2[i], fake_t1[i]], dim=1)
-        write_png(os.path.join(out_dir, f"test_{i:04d}.png"), Image.fromarray((row.numpy() * 255).round().astype(np.uint8)))
+        write_png(os.path.join(out_dir, f"test_{i:04d}.png"),
+                  Image.fromarray((row.numpy() * 255).round().astype(np.uint8)))
 
 
 def evaluate_volumes(model, cfg, data, args):

@@ -237,8 +237,9 @@ class PreparedWriter:
     without finish()) the temporary folder is removed, so an interrupted run leaves nothing.
     An existing `out` is refused unless overwrite=True, and even then only if it looks like a
     prepared dataset (has meta.json) or is empty. A failed write (disk full, read-only) removes the
-    temporary folder too and raises unit.io.WriteError; an existing `out` is then unchanged. paired=False allows different slice counts
-    for T1 and T2 (e.g. unpaired PNG folders); add(t1=...) and add(t2=...) separately then.
+    temporary folder too and raises unit.io.WriteError; an existing `out` is then unchanged.
+    paired=False allows different slice counts for T1 and T2 (e.g. unpaired PNG folders);
+    add(t1=...) and add(t2=...) separately then.
     clean=True also stores noiseless test targets: add("test", ..., clean=(t1_clean, t2_clean))."""
 
     def __init__(self, out, shape, paired=True, masks=False, overwrite=False, clean=False):
