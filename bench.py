@@ -8,6 +8,7 @@ Benchmarks and the first-GPU check, printed as markdown.
     python bench.py train                          # train.py: fp32 vs bf16, 1 vs 2 processes, compile
     python bench.py train --attn generator --sn --size 304x256 --width 64 --batch 8 --variants fp32,bf16
     python bench.py gpu-check [--out report.md]    # build, tests, sanitizer, bench, training steps
+    python bench.py evaluate runs/NAME/ckpt.pt      # where evaluate.py's time goes
 
 attention: o = v . softmax_keys(q^T k), no scale, q, k (B, d, N), v (B, c, N), timed as
   naive        torch.bmm + softmax + bmm (stores the B x N x N matrix)
@@ -596,6 +597,40 @@ def cmd_gpu_check(args):
 # -----------------------------------------------------------------------------
 
 
+def cmd_evaluate(args):
+    """unit.evaluation.evaluate() taken apart and timed once (wall and CPU seconds): the translations of the whole
+    test split, per_slice() and subject_scores() of the two directions, and reference_scores(), which evaluate.py
+    computes once for all its checkpoints."""
+    import resource
+    from unit.checkpoint import load_model
+    from unit.data import load_prepared
+    from unit.evaluation import per_slice, reference_scores, subject_scores, test_split, translate
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt = load_model(args.ckpt, device)
+    data = load_prepared(args.data or ckpt["config"]["data"])
+    rows = []
+
+    def timed(name, fn):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        out = fn()
+        sync(device)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        rows.append((name, time.perf_counter() - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+        return out
+    t1, t2, mask, ids = timed("read the test split", lambda: test_split(data))
+    ch = ckpt["config"]["channels"]
+    fake = timed("translate both directions", lambda: (translate(model, t2, "b", device, ch), translate(model, t1, "a", device, ch)))
+    timed("metrics of both directions", lambda: [subject_scores(per_slice(f, real, mask), ids) for f, real in zip(fake, (t1, t2))])
+    timed("reference rows (once per call)", lambda: reference_scores(data))
+    H, W = data.shape
+    print(f"## evaluate: {len(ids)} test slices of {H}x{W} from {len(set(ids))} subjects, width "
+          f"{ckpt['config']['width']}; {stamp(device)}\n")
+    print("| part | wall s | user s | sys s |\n|---|---|---|---|")
+    for name, wall, user, sys_ in rows:
+        print(f"| {name} | {wall:.1f} | {user:.1f} | {sys_:.1f} |")
+    print(f"| total | {sum(r[1] for r in rows):.1f} | {sum(r[2] for r in rows):.1f} | {sum(r[3] for r in rows):.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -620,6 +655,12 @@ def main():
     t.add_argument("--steps", type=int, default=None, help="train.py steps per run (default 60 GPU, 25 CPU)")
     t.add_argument("--variants", default=None, help=f"comma list of {','.join(TRAIN_VARIANTS)} (default all)")
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="where evaluate.py's time goes: translation, the model's metrics, the "
+                                        "data's reference rows")
+    e.add_argument("ckpt", help="a checkpoint written by train.py")
+    e.add_argument("--data", default=None, help="prepared dataset (default: the checkpoint's)")
+    e.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    e.set_defaults(func=cmd_evaluate)
     g = sub.add_parser("gpu-check", help="the first-GPU validation: build, self-check, tests, sanitizer, bench, "
                                          "training steps")
     g.add_argument("--out", default=None, help="also write the markdown report to this file")
