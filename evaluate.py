@@ -32,6 +32,7 @@ source grid, with the source affine and header and intensities mapped back to th
 3-D SSIM, PSNR and MAE per subject are computed on the prepared [0, 1] scale.
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ from unit.checkpoint import load_model
 from unit.data import load_prepared
 from unit.evaluation import (evaluate, figure_slices, has_brain_mask, paired_bootstrap, reference_scores, to_model,
                              translate)
+from unit.io import make_folder, refuse_existing, write_nifti, write_png, write_text
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
 
@@ -112,10 +114,11 @@ def table(res, cols=COLUMNS):
 def save_images(out_dir, idx, t1, t2, fake_t1, fake_t2):
     """PNG per test slice i in idx: real T1 | T1->T2 | real T2 | T2->T1."""
     from PIL import Image
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     for i in idx:
         row = torch.cat([t1[i], fake_t2[i], t2[i], fake_t1[i]], dim=1)
-        Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(os.path.join(out_dir, f"test_{i:04d}.png"))
+        write_png(os.path.join(out_dir, f"test_{i:04d}.png"),
+                  Image.fromarray((row.numpy() * 255).round().astype(np.uint8)))
 
 
 def evaluate_volumes(model, cfg, data, args):
@@ -139,7 +142,7 @@ def evaluate_volumes(model, cfg, data, args):
     registered = bool(data.meta.get("registration"))    # ixi --register: register again, as prepared
     paired = args.layout != "ixi" or registered
     pct = tuple(data.meta.get("normalization", {}).get("percentiles", PERCENTILES))
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out)
     rows = []
     for n, s in enumerate(chosen):
         try:
@@ -164,7 +167,7 @@ def evaluate_volumes(model, cfg, data, args):
             if LAYOUT_MASK_RULE[args.layout] == "nonzero" and not args.keep_background:
                 vol = np.asarray(out.dataobj)
                 vol[np.asarray(src_img.dataobj).reshape(vol.shape) == 0] = 0
-            out.to_filename(os.path.join(args.out, f"{s.id}_{name}.nii.gz"))
+            write_nifti(os.path.join(args.out, f"{s.id}_{name}.nii.gz"), out)
         row = {"subject": s.id, "slices": len(r.t1)}
         if paired and len(r.t1) >= 11:
             t1, t2, m = torch.from_numpy(r.t1), torch.from_numpy(r.t2), torch.from_numpy(r.mask)
@@ -270,7 +273,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
     bad = [p for p in points if not (0 <= p[0] < H and 0 <= p[1] < W)]
     if bad:
         raise UserError(f"--queries {bad}: outside the {H}x{W} image (row, col from 0)")
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     subject = data.meta["slice_subject"]["test"][idx]
     record = {"slice": idx, "subject": subject, "queries": points, "gamma": layers, "layers": {}}
     model.eval()
@@ -287,8 +290,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
         attention_figure(png, img[src], maps, points, f"{subject}, test slice {idx}: {name.replace('_', ' ')} "
                                                       f"({cfg['attn']} attention); where each query attends")
         print(f"attention maps: {png} ({len(maps)} layer(s) x {len(points)} queries)")
-    with open(os.path.join(out_dir, "attention.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_text(os.path.join(out_dir, "attention.json"), json.dumps(record, indent=2))
     print("learned gamma (y = gamma * attention + x; 0 = attention unused): " +
           ", ".join(f"{n} {g:+.4f}" for n, g in layers.items()))
 
@@ -369,6 +371,8 @@ def main(argv=None):
     v.add_argument("--out", help="folder for the translated NIfTI volumes")
     v.add_argument("--keep-background", action="store_true", help="keep the network's output outside the input's "
                    "brain (default for skull-stripped sources: 0 there, like the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (--json, --csv, "
+                   "--figure, --spectra, and the images, maps or volumes in --save-images, --attention-maps, --out)")
     args = p.parse_args(argv)
     if len(args.ckpt) > 1 and (args.volumes or args.save_images or args.attention_maps):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
@@ -389,6 +393,8 @@ def main(argv=None):
         raise UserError(f"--queries {args.queries!r}: each point is row,col")
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
+    if not args.overwrite:                              # fail now, not after scoring
+        refuse_existing(existing_outputs(args))
 
     rows, data, data_path, idx, refs = [], None, None, None, None
     subjects = args.subjects.split(",") if args.subjects else None
@@ -407,8 +413,8 @@ def main(argv=None):
         if args.volumes:
             res = evaluate_volumes(model, cfg, data, args)
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"ckpt": path, "step": ckpt["step"], "src": args.volumes, **res}, f, indent=2)
+                write_text(args.json, json.dumps({"ckpt": path, "step": ckpt["step"], "src": args.volumes, **res},
+                                                 indent=2))
             return res
         if not data.paired:
             raise UserError(f"{data_path} is not paired (meta.json: paired=false; e.g. IXI, whose T1w and T2w "
@@ -460,15 +466,15 @@ def main(argv=None):
         plain = lambda r: {**{k: v for k, v in r.items() if k not in ("slices", "subjects", "figure", "spectra")},
                            "per_subject": per_subject(r)}
         ids = sorted(set(subjects))                          # np.unique's order, as subject_scores()
-        with open(args.json, "w") as f:
-            if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
-                r = rows[0]
-                json.dump({"ckpt": r["ckpt"], "epoch": r["epoch"], "step": r["step"], "data": data_path,
-                           "config": r["config"], **r["res"], "subject_ids": ids, "per_subject": per_subject(r)},
-                          f, indent=2)
-            else:
-                json.dump({"data": data_path, "subjects": len(set(subjects)), "subject_ids": ids, "bootstrap": args.bootstrap,
-                           "checkpoints": [plain(r) for r in rows]}, f, indent=2)
+        if len(rows) == 1:   # one checkpoint: the flat format of earlier versions
+            r = rows[0]
+            write_text(args.json, json.dumps({"ckpt": r["ckpt"], "epoch": r["epoch"], "step": r["step"],
+                                              "data": data_path, "config": r["config"], **r["res"],
+                                              "subject_ids": ids, "per_subject": per_subject(r)}, indent=2))
+        else:
+            write_text(args.json, json.dumps({"data": data_path, "subjects": len(set(subjects)), "subject_ids": ids,
+                                              "bootstrap": args.bootstrap, "checkpoints": [plain(r) for r in rows]},
+                                             indent=2))
     if args.csv:
         write_csv(args.csv, rows, cols)
     if args.save_images:
@@ -479,14 +485,29 @@ def main(argv=None):
     return rows[0]["res"] if len(rows) == 1 else rows
 
 
+def existing_outputs(args):
+    """The files that this evaluation would write and that exist already."""
+    there = [f for f in (args.json, args.csv, args.figure, args.spectra) if f and os.path.lexists(f)]
+    if args.save_images:
+        there += sorted(glob.glob(os.path.join(args.save_images, "test_*.png")))
+    if args.attention_maps:
+        there += [f for f in (os.path.join(args.attention_maps, n) for n in
+                              ("attention_t1_to_t2.png", "attention_t2_to_t1.png", "attention.json"))
+                  if os.path.lexists(f)]
+    if args.volumes and args.out:
+        there += sorted(glob.glob(os.path.join(args.out, "*_t[12]_to_t[12].nii.gz")))
+    return there
+
+
 def write_csv(path, rows, cols=COLUMNS):
     """One line per checkpoint: variant, epoch, every mean, and for rows after the first the paired
     difference to the first with its interval (columns d_<metric>_<T1|T2>, _lo, _hi)."""
     import csv
+    import io
     keys = [k for k, _ in cols if k in rows[0]["res"]["T1"]]
     head = ["ckpt", "model", "epoch"] + [f"{k}_{c}" for k in keys for c in ("T1", "T2")] + \
         [f"d_{k}_{c}{e}" for k in keys for c in ("T1", "T2") for e in ("", "_lo", "_hi")]
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         for r in rows:
@@ -494,11 +515,12 @@ def write_csv(path, rows, cols=COLUMNS):
             diffs = [x for k in keys for c in ("T1", "T2") for x in r["diff"][c][k]] if "diff" in r else \
                 [""] * (6 * len(keys))
             w.writerow([r["ckpt"], variant(r["config"]), r["epoch"]] + means + diffs)
+        write_text(path, f.getvalue())
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:  # unit.data.DataError is one too
+    except UserError as e:  # unit.data.DataError is one too; unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

@@ -4,7 +4,7 @@
                                                       # a ~10-minute reduced run on a CPU
     python train.py --attn encoder --sn --charbonnier # the poster's best model
     python train.py --full                            # poster settings even on a CPU (slow)
-    python train.py --resume runs/NAME/ckpt.pt        # continue exactly where it stopped
+    python train.py --resume runs/NAME/ckpt.pt        # continue exactly where it stopped (in runs/NAME)
     python train.py --amp bf16                        # forward passes in bfloat16 (autocast)
     torchrun --nproc_per_node=4 train.py --attn encoder --sn --charbonnier   # 4 GPUs, DDP
 
@@ -15,13 +15,17 @@ and the RNG states (unit/checkpoint.py); evaluate.py needs nothing else.
 Under torchrun each process trains on its own GPU (NCCL; gloo on the CPU) with its own
 --batch-size images per domain, a share of the same (seed, epoch) batch order: the global batch
 is nproc x --batch-size. Only rank 0 logs, evaluates, writes sample grids and checkpoints.
+
+A run folder has one owner: the run holds a lock on it (RUN/.lock) for its lifetime, and a new run
+into a folder that holds another run's checkpoints is refused unless --overwrite. A write that
+fails (disk full, read-only) stops the run with one sentence; the last good checkpoint stays.
 """
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +40,7 @@ from unit import UserError, checkpoint
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
+from unit.io import Appender, WriteError, copy_file, failure, lock_folder, release, write_png, write_text
 from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss
 from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
 from unit.nifti import LAYOUT_MASK_RULE
@@ -125,7 +130,7 @@ RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_epochs", "eval_every", 
 
 def parse_args(argv=None):
     """Config from the command line: given flags > CPU preset (CPU only) > Config defaults.
-    Returns (config, names of the flags given, resume path or None)."""
+    Returns (the flags given, --full, the --resume path or None, --dry-run, --overwrite)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag, kw = "--" + f.name.replace("_", "-"), dict(f.metadata)
@@ -136,12 +141,16 @@ def parse_args(argv=None):
             shown = f" (default {f.default})" if f.default != "" else ""
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=kw.pop("help") + shown, **kw)
     p.add_argument("--full", action="store_true", help="poster settings even without CUDA (no CPU preset)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used), in the "
+                                                    "checkpoint's own folder unless --out says otherwise")
+    p.add_argument("--overwrite", action="store_true", help="use an --out folder that holds another run: deletes "
+                   "that run's checkpoints (ckpt.pt, ckpt_eNNN.pt; never the one resumed from), metrics.jsonl, "
+                   "sample grids and config.json first")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as one JSON line and exit "
                                                           "(nothing is prepared, trained or written)")
     args = vars(p.parse_args(argv))
-    full, resume, dry = args.pop("full"), args.pop("resume"), args.pop("dry_run")
-    return args, full, resume, dry
+    full, resume, dry, overwrite = args.pop("full"), args.pop("resume"), args.pop("dry_run"), args.pop("overwrite")
+    return args, full, resume, dry, overwrite
 
 
 def resolve_config(given, full, resume, world=1):
@@ -160,7 +169,9 @@ def resolve_config(given, full, resume, world=1):
                             f"global batch and the batch order would change; resume with torchrun "
                             f"--nproc_per_node={cfg['world_size']} (or python train.py for 1)")
         cfg.update(given)
-        return cfg, ckpt, f"resumed from {resume}"
+        if "out" not in given:      # where the checkpoint is now (a copy, say), not the folder recorded in it
+            cfg["out"] = os.path.dirname(resume) or "."
+        return cfg, ckpt, f"resumed from {resume}, continuing in {cfg['out']}"
     cfg = dataclasses.asdict(Config())
     cfg["world_size"] = world
     device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,14 +244,59 @@ def get_data(cfg, hw):
     return data
 
 
-def make_writable(out):
+# what a run writes in its folder: what --overwrite deletes of an earlier run
+RUN_FILES = ("ckpt.pt", "ckpt_e*.pt", "metrics.jsonl", "samples_e*.png", "config.json", "*.tmp")
+
+
+def claim_run_folder(out, resume=None, overwrite=False):
+    """Make the run folder, lock it for this process's lifetime (unit.io.lock_folder; a second writer is
+    refused) and check that this run may write there: a new run into a folder that holds another run's
+    checkpoints is refused unless overwrite, and so is a resumed one into a folder that holds checkpoints
+    other than its own or a later ckpt.pt. overwrite deletes the earlier run's RUN_FILES (never the
+    checkpoint resumed from). Returns the lock (unit.io.release)."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock = lock_folder(out)
     except OSError as e:
         raise UserError(f"cannot write to the run folder {out} ({e.strerror}); pass a writable --out") from None
+    try:
+        same = lambda a, b: os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+        ckpts = sorted(glob.glob(os.path.join(out, "ckpt_e*.pt")))
+        latest = os.path.join(out, "ckpt.pt")
+        ckpts = ([latest] if os.path.isfile(latest) else []) + ckpts
+        others = [c for c in ckpts if not (resume and same(c, resume))]
+        if not others:
+            return lock
+        step = lambda path: checkpoint.load(path)["step"]
+        if resume and same(os.path.dirname(os.path.abspath(resume)), out):
+            # continuing in its own folder: fine unless that would replace a later ckpt.pt
+            if not os.path.isfile(latest) or same(latest, resume) or step(latest) <= step(resume):
+                return lock
+            why = (f"its {latest} is at step {step(latest)}, later than {resume} (step {step(resume)}), and "
+                   f"continuing there would replace it; resume {latest}, pass --out for a branch")
+        else:
+            try:
+                held = f"{others[0]}, step {step(others[0])}"
+            except UserError:
+                held = others[0]
+            why = (f"it holds {'a trained run' if not resume else 'another run'} ({held}); "
+                   + (f"continue it with --resume {others[0]}, pass another --out" if not resume else
+                      "pass another --out"))
+        if not overwrite:
+            raise UserError(f"run folder {out} is taken: {why}, or pass --overwrite to delete its checkpoints, "
+                            f"metrics.jsonl and sample grids")
+        gone = sorted({f for pat in RUN_FILES for f in glob.glob(os.path.join(out, pat))
+                       if not (resume and same(f, resume))})
+        for f in gone:
+            try:
+                os.remove(f)
+            except OSError as e:
+                raise failure(f, e, "it could not be deleted (--overwrite)") from None
+        print(f"--overwrite: deleted the earlier run's files in {out}: {', '.join(os.path.basename(f) for f in gone)}")
+        return lock
+    except BaseException:
+        release(lock)
+        raise
 
 
 def batch_indices(n, steps, batch_size, seed, epoch, domain):
@@ -295,7 +351,7 @@ def sample_grid(model, data, cfg, path, n=4):
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
         grid = torch.cat([torch.cat(list(from_model(r)), dim=1) for r in rows], dim=0)
     model.train(was)
-    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    write_png(path, Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)))
 
 
 def peak_mem_mb(dev):
@@ -423,6 +479,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     if cfg["attn"] != "none":
         from unit.attention import describe
         say(f"self-attention ({cfg['attn']}): {describe()}")
+    if cfg["eval_every"] and not data.paired:
+        say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "
+            f"(translated slices have no pixel-aligned ground truth, as evaluate.py says); sample grids are still "
+            f"written and show unpaired test slices")
 
     orders = {}
     def fetch(step):
@@ -444,7 +504,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     def on_signal(signum, frame):
         stop["signal"] = signum
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(out, "metrics.jsonl"), "a") if lead else None
+    log = Appender(os.path.join(out, "metrics.jsonl")) if lead else None
+    saved = ckpt["step"] if ckpt else None               # step of the last checkpoint written (or resumed from)
     progress = Progress(total, "step", start=step, enabled=lead, every_s=30)
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
     seconds0 = (ckpt or {}).get("seconds") or 0.0         # training time of the run before this process
@@ -492,7 +553,6 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                     log.write(json.dumps({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                                           "time": round(time.time() - t_start, 3), **vals,
                                           "peak_mem_mb": peak_mem_mb(dev)}) + "\n")
-                    log.flush()
             progress.set(step, note)                    # the losses shown are those last read
             if stopping and step < total:
                 stopped = True
@@ -500,7 +560,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
 
             if epoch_end and lead:                      # end of an epoch (or of the run): rank 0 writes
                 e = math.ceil(step / steps_per_epoch)
-                if cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total):
+                due = cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total)
+                if due and not data.paired:             # no scores on unpaired data (said at the start)
+                    sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
+                elif due:
                     refs = refs or reference_scores(data, cfg["eval_limit"] or None)   # the data's: computed once
                     res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs)
                     last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
@@ -508,7 +571,6 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                                     **{f"identity_{k}": res["identity"]["T1"][k] for k in ("ssim", "ssim_mask")
                                        if k in res["identity"]["T1"]}}
                     log.write(json.dumps(last_metrics) + "\n")
-                    log.flush()
                     progress.close()
                     scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity']['T1'][k]:.4f})"
                     brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
@@ -517,14 +579,14 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                 latest = os.path.join(out, "ckpt.pt")
                 checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics,
                                 seconds=seconds0 + time.time() - t_start, finished=step == total)
+                saved = step
                 if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
-                    kept = os.path.join(out, f"ckpt_e{e:03d}.pt")
-                    shutil.copyfile(latest, kept + ".tmp")
-                    os.replace(kept + ".tmp", kept)
+                    copy_file(latest, os.path.join(out, f"ckpt_e{e:03d}.pt"))
         if stopped:                                     # by a signal, here or on another rank
             if lead:
                 checkpoint.save(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch,
                                 step, last_metrics, seconds=seconds0 + time.time() - t_start)
+                saved = step
                 progress.close()
                 how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
                 print(f"interrupted ({how}) at step {step}: saved {out}/ckpt.pt; continue with: "
@@ -535,6 +597,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             status = 130 if world == 1 else 0
         if world > 1:
             dist.barrier(group=ctl)                     # no rank leaves before rank 0 has written
+    except WriteError as e:                             # disk full, read-only: stop now, not train on unsaved
+        last = (f"the last checkpoint is {out}/ckpt.pt at step {saved}" if saved is not None and
+                os.path.isfile(os.path.join(out, "ckpt.pt")) else "this run saved no checkpoint")
+        raise WriteError(f"{e}; training stopped at step {step} and {last}") from None
     finally:
         progress.close()
         if log:
@@ -549,10 +615,12 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
 
 def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    given, full, resume, dry = parse_args(argv)
+    given, full, resume, dry, overwrite = parse_args(argv)
     cfg, ckpt, note = resolve_config(given, full, resume, world)
     hw = check_config(cfg, given) if not resume else None
     if dry:
+        if cfg["data"] and not resume:                  # the data decides the size, as in get_data()
+            cfg["size"] = list(load_prepared(cfg["data"]).shape)
         print(json.dumps(cfg))
         return 0
     device = cfg["device"]
@@ -563,9 +631,10 @@ def main(argv=None):
             dist.init_process_group("nccl", device_id=torch.device(device))
         else:
             dist.init_process_group("gloo")
+    lock = None
     try:
-        if rank == 0:                                   # rank 0 prepares the phantom (first use) ...
-            make_writable(cfg["out"])
+        if rank == 0:                                   # rank 0 owns the run folder and prepares the phantom ...
+            lock = claim_run_folder(cfg["out"], resume, overwrite)
             data = get_data(cfg, hw) if not resume else load_prepared(cfg["data"])
         if world > 1:
             dist.barrier()
@@ -574,10 +643,10 @@ def main(argv=None):
         if rank == 0:
             print(f"config ({note}):")
             print("  " + json.dumps(cfg))
-            with open(os.path.join(cfg["out"], "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
+            write_text(os.path.join(cfg["out"], "config.json"), json.dumps(cfg, indent=2))
         _, code = train(cfg, data, ckpt, device, rank, world)
     finally:
+        release(lock)
         if world > 1:
             dist.destroy_process_group()
     return code
@@ -586,6 +655,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:  # unit.data.DataError is one too
+    except UserError as e:  # unit.data.DataError is one too; unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

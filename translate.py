@@ -38,6 +38,7 @@ from unit.data import DataError
 from unit.evaluation import translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
+from unit.io import make_folder, refuse_existing, write_nifti, write_png
 from unit.nifti import PERCENTILES, apply_range, derive_mask, load_nifti, read_png, robust_range
 from unit.progress import Progress
 
@@ -124,7 +125,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
             raise UserError(f"{src_path} is a PNG, so OUT must be a .png file too, not {dst_path}")
         img = read_png(src_path)                                         # (H, W) in [0, 1], as prepare.py
         out = run_model(model, cfg, img[None], src, args.device, args.batch_size, f"{direction} slice")[0]
-        Image.fromarray(np.round(out * 255).astype(np.uint8)).save(dst_path)
+        write_png(dst_path, Image.fromarray(np.round(out * 255).astype(np.uint8)))
         print(f"wrote {dst_path} ({direction}, {img.shape[0]}x{img.shape[1]})")
         return
     if not dst_path.endswith(NIFTI):
@@ -150,7 +151,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     hdr.set_data_dtype(np.float32)
     img = nib.Nifti1Image(out.reshape(shape), affine, hdr)
     img.header.set_slope_inter(1.0, 0.0)
-    img.to_filename(dst_path)
+    write_nifti(dst_path, img)
     print(f"wrote {dst_path} ({direction}; shape {tuple(shape)}, {src_path}'s affine and header; mask: "
           f"{'--mask' if mask_path else rule}{', 0 outside it' if cut else ''}; normalisation: percentiles "
           f"{pct[0]:g}, {pct[1]:g} of the mask; "
@@ -169,6 +170,8 @@ def main(argv=None):
                    "(default: 0 there, like the input, when the mask is --mask or a skull-stripped input's)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (or the files it would write in an OUT "
+                                                            "folder) if it exists")
     args = p.parse_args(argv)
     model, ckpt = load_model(args.ckpt, args.device)
     cfg = ckpt["config"]
@@ -178,13 +181,14 @@ def main(argv=None):
         files = sorted(f for f in os.listdir(args.input) if f.endswith(NIFTI))
         if not files:
             raise UserError(f"{args.input} holds no .nii or .nii.gz files")
-        os.makedirs(args.output, exist_ok=True)
+        make_folder(args.output)
     else:
         if not os.path.isfile(args.input):
             raise UserError(f"IN {args.input} does not exist")
         if not args.input.lower().endswith(NIFTI + (".png",)):
             raise UserError(f"IN {args.input} is not a NIfTI (.nii, .nii.gz) or PNG file, nor a folder")
         files = [None]
+    jobs = []
     for f in files:
         src = args.input if f is None else os.path.join(args.input, f)
         to = args.to or contrast_target(os.path.basename(src))
@@ -196,6 +200,10 @@ def main(argv=None):
         else:
             stem = f[:-len(next(e for e in NIFTI if f.endswith(e)))]
             dst = os.path.join(args.output, f"{stem}_to_{to}.nii.gz")
+        jobs.append((src, dst, to))
+    if not args.overwrite:                              # before any work: nothing is replaced unasked
+        refuse_existing([dst for _, dst, _ in jobs], "OUT")
+    for src, dst, to in jobs:
         translate_file(model, cfg, src, dst, to, args.mask, args)
     return 0
 
@@ -203,6 +211,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:   # DataError is one too
+    except UserError as e:   # DataError is one too; unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

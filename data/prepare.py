@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # so `import unit` works
 
+from unit import UserError  # noqa: E402
 from unit.data import DataError, PreparedWriter, folder_mb, prepare_phantom  # noqa: E402
 from unit.geometry import zooms  # noqa: E402
 from unit.nifti import (EXPECTED_TREE, LAYOUT_MASK_RULE, MASK_RULES, PERCENTILES, REGISTRATION, find_subjects,  # noqa: E402
@@ -391,9 +392,9 @@ def main(argv=None):
         print(f"wrote {path}: {folder_mb(path):.1f} MB in {time.time() - t0:.1f} s", file=sys.stderr)
         print(f"done: {path}")
         return 0
-    except DataError as e:
+    except UserError as e:   # DataError; WriteError (disk full, read-only: the partial output is removed) is 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     except OSError as e:   # disk full, permissions, ...: the partial output is already removed
         print(f"error: {e} (while preparing {args.out}); check the paths, their permissions and the "
               f"free disk space.", file=sys.stderr)

@@ -26,6 +26,7 @@ import sys
 import time
 
 from study import UserError, cell, dry_run, evaluate_all, train_all
+from unit.io import make_folder, write_text
 
 # (run name = train.py's default folder name, the poster's label, train.py flags, the poster's SSIM T1, T2
 # at epoch 75 on HCP at 304x256: a reference for the poster's configuration, not for other data)
@@ -104,7 +105,7 @@ def main(argv=None):
     print(f"study: {len(variants)} variants x {args.seeds} seed(s), {epochs} epochs each (checkpoints at epochs "
           f"{save}), data {cfg['data'] or 'the built-in phantom ' + str(cfg['size'])}, device {cfg['device']}; "
           f"runs in {args.out}/", flush=True)
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out)
     t0 = time.time()
     train_all([(f"{name} seed {seed}", folder, [*flags, "--seed", str(seed), "--out", folder, "--epochs", str(epochs),
                                                  "--save-epochs", save, *extra])
@@ -157,8 +158,7 @@ def main(argv=None):
     lines += ["", "## evaluate.py's output (every checkpoint; paired differences to the first row)", ""]
     lines += ["```", *(t.strip() for t in texts), "```", ""]
     path = os.path.join(args.out, "poster.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
     print(f"wrote {path}")
     return path
 
@@ -166,6 +166,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except UserError as e:   # unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

@@ -31,6 +31,7 @@ import torch
 
 from study import ROOT, UserError, cell, evaluate_all, load_checkpoint, run, train_all
 from unit.hardware import machine
+from unit.io import make_folder, write_text
 
 SPLIT = os.path.join(ROOT, "experiments", "realmri-split.json")
 PREPARE = ["--spacing", "2", "--size", "112x96", "--slices", "all"]
@@ -68,10 +69,8 @@ def variant_flags(out, name, flags):
             raise UserError(f"variant {name} of {out} was trained with the train.py flags {kept or '(none)'}, not "
                             f"{flags or '(none)'}; give this one another --name")
         return kept
-    os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"name": name, "flags": flags}, f)
-    os.replace(path + ".tmp", path)
+    make_folder(out)
+    write_text(path, json.dumps({"name": name, "flags": flags}))
     return flags
 
 
@@ -134,9 +133,7 @@ def write_table(out, found, res, text, figure, split_file):
                   "Bakas et al., Nature Scientific Data 2017."]
     lines += ["", "## evaluate.py's output", "", "```", text.strip(), "```", ""]
     path = os.path.join(out, "realmri.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -189,7 +186,7 @@ def main(argv=None):
     seed0 = [runs_[0][1] for runs_ in found.values()]
     res, _, text = evaluate_all(ckpts, os.path.join(args.out, "table.json"), args.bootstrap)
     bootstrap_means(res.values(), args.bootstrap)
-    run([sys.executable, "evaluate.py", *seed0, "--figure", figure] +
+    run([sys.executable, "evaluate.py", *seed0, "--figure", figure, "--overwrite"] +
         (["--subjects", args.figure_subjects] if args.figure_subjects else []), log=True)
     path = write_table(args.out, found, res, text, figure, args.split)
     print(f"wrote {path} and {figure}")
@@ -199,6 +196,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except UserError as e:   # unit.io.WriteError (a failed write) exits with 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)

@@ -74,8 +74,8 @@ def resume_flags(flags):
 
 def evaluate_all(ckpts, out_json, bootstrap, extra=()):
     """One evaluate.py call over all checkpoints: ({path: its JSON row}, the JSON, the printed tables)."""
-    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--bootstrap", str(bootstrap), *extra],
-               log=True)
+    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--bootstrap", str(bootstrap), "--overwrite",
+                *extra], log=True)                      # the study's own table, rewritten at every call
     print(text, flush=True)
     with open(out_json) as f:
         js = json.load(f)

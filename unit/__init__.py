@@ -3,4 +3,6 @@
 
 class UserError(Exception):
     """A problem the user can fix (a path, a flag, a file): the message is one sentence naming what
-    and what to do; the scripts print it as `error: ...` and exit with status 2."""
+    and what to do; the scripts print it as `error: ...` and exit with `status` (2; a failed write,
+    unit.io.WriteError, 1)."""
+    status = 2

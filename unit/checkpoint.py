@@ -17,6 +17,7 @@ import os
 import torch
 
 from unit import UserError
+from unit.io import write_file
 from unit.model import UNIT
 
 FORMAT = "unit-mri-checkpoint"
@@ -24,17 +25,15 @@ VERSION = 1
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False):
-    """Write atomically (a temp file next to the target, then a rename): a run killed while saving
-    leaves the previous checkpoint intact. seconds: training wall time so far; finished: the run has
-    taken its last step."""
+    """Write atomically (unit.io.write_file: a temp file next to the target, then a rename): a run
+    killed while saving, or a full disk, leaves the previous checkpoint intact (the latter raises
+    unit.io.WriteError). seconds: training wall time so far; finished: the run has taken its last step."""
     ckpt = {"format": FORMAT, "version": VERSION, "config": cfg, "epoch": epoch, "step": step,
             "model": model.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "metrics": metrics, "seconds": seconds, "finished": bool(finished)}
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write_file(path, lambda f: torch.save(ckpt, f))
 
 
 def load(path, map_location="cpu"):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+import unit.io
 from unit import UserError
 from unit.progress import Progress
 
@@ -175,7 +176,7 @@ class _NpyAppender:
         self.path, self.dtype, self.tail, self.n = Path(path), np.dtype(dtype), tuple(tail), 0
         longest = len(self._dict(10 ** 15))
         self.total = -(-(10 + longest + 1) // 64) * 64      # magic+len+dict+'\n', 64-aligned
-        self.f = open(self.path, "wb")
+        self.f = unit.io.open_for_writing(self.path)
         self.f.write(self._header())
 
     def _dict(self, n):
@@ -235,8 +236,10 @@ class PreparedWriter:
     to `out` by finish(); on an exception or KeyboardInterrupt (also leaving the `with` block
     without finish()) the temporary folder is removed, so an interrupted run leaves nothing.
     An existing `out` is refused unless overwrite=True, and even then only if it looks like a
-    prepared dataset (has meta.json) or is empty. paired=False allows different slice counts
-    for T1 and T2 (e.g. unpaired PNG folders); add(t1=...) and add(t2=...) separately then.
+    prepared dataset (has meta.json) or is empty. A failed write (disk full, read-only) removes the
+    temporary folder too and raises unit.io.WriteError; an existing `out` is then unchanged.
+    paired=False allows different slice counts for T1 and T2 (e.g. unpaired PNG folders);
+    add(t1=...) and add(t2=...) separately then.
     clean=True also stores noiseless test targets: add("test", ..., clean=(t1_clean, t2_clean))."""
 
     def __init__(self, out, shape, paired=True, masks=False, overwrite=False, clean=False):
@@ -248,23 +251,27 @@ class PreparedWriter:
             raise ValueError("PreparedWriter: noiseless targets (clean=True) need a paired dataset")
         _check_out(self.out, overwrite)
         parent = self.out.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(f".{self.out.name}.partial-*"):   # left by a killed (-9) run
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
         self.tmp = parent / f".{self.out.name}.partial-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
-        self.finished = False
+        self.finished, self.files = False, {}
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            for stale in parent.glob(f".{self.out.name}.partial-*"):   # left by a killed (-9) run
+                pid = stale.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(stale, ignore_errors=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise unit.io.failure(self.out, e, "nothing was written there") from None
         names = [n[:-4] for n in FILES[:4] + (MASK_FILES if self.masks else ()) +
                  (CLEAN_FILES if self.clean else ())]
-        self.files = {}
         try:
             for n in names:
                 dt = np.uint8 if n.endswith("mask") else np.float16
                 self.files[n] = _NpyAppender(self.tmp / f"{n}.npy", dt, self.shape)
+        except OSError as e:
+            raise self._failed(e) from None
         except BaseException:
             self.abort()
             raise
@@ -272,6 +279,12 @@ class PreparedWriter:
 
     def __enter__(self):
         return self
+
+    def _failed(self, e):
+        """Remove the partial output; the WriteError for the OSError e, naming the output folder."""
+        self.abort()
+        before = "the dataset there before is unchanged" if self.out.exists() else "nothing was written there"
+        return unit.io.failure(self.out, e, f"the partial output was removed and {before}")
 
     def __exit__(self, *exc):
         if not self.finished:
@@ -318,15 +331,18 @@ class PreparedWriter:
         if mask is not None and t1 is None:
             raise ValueError("PreparedWriter.add: a mask belongs to t1 slices; pass t1 too")
         subject = str(subject)
-        for q, a in (("t1", t1), ("t2", t2)):
-            if a is None:
-                continue
-            self.files[f"{split}_{q}"].append(a.astype(np.float16))
-            self.subjects[q][split] += [subject] * a.shape[0]
-        if mask is not None:
-            self.files[f"{split}_mask"].append(np.asarray(mask).astype(np.uint8) != 0)
-        for q, c in zip(("t1", "t2"), clean or ()):
-            self.files[f"test_{q}_clean"].append(c.astype(np.float16))
+        try:
+            for q, a in (("t1", t1), ("t2", t2)):
+                if a is None:
+                    continue
+                self.files[f"{split}_{q}"].append(a.astype(np.float16))
+                self.subjects[q][split] += [subject] * a.shape[0]
+            if mask is not None:
+                self.files[f"{split}_mask"].append(np.asarray(mask).astype(np.uint8) != 0)
+            for q, c in zip(("t1", "t2"), clean or ()):
+                self.files[f"test_{q}_clean"].append(c.astype(np.float16))
+        except OSError as e:
+            raise self._failed(e) from None
 
     def counts(self):
         return {f"{s}_{q}": len(self.subjects[q][s]) for s in ("train", "test") for q in ("t1", "t2")}
@@ -337,8 +353,11 @@ class PreparedWriter:
         c = self.counts()
         if self.paired and (c["train_t1"] != c["train_t2"] or c["test_t1"] != c["test_t2"]):
             raise ValueError(f"PreparedWriter.finish: paired dataset with unequal counts {c}")
-        for f in self.files.values():
-            f.close()
+        try:
+            for f in self.files.values():
+                f.close()
+        except OSError as e:
+            raise self._failed(e) from None
         m = {"source": None, "layout": None, "normalization": None, "seed": None,
              "created_by": shlex.join([os.path.basename(sys.executable)] + sys.argv)}
         m.update(meta)
@@ -362,14 +381,20 @@ class PreparedWriter:
             m["n_train_t2"], m["n_test_t2"] = c["train_t2"], c["test_t2"]
         else:
             m.pop("slice_subject_t2", None)
-        (self.tmp / "meta.json").write_text(_meta_dumps(m))
         # move into place; an existing dataset is moved aside first and removed after
         _check_out(self.out, self.overwrite)
         old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            with unit.io.open_for_writing(self.tmp / "meta.json") as f:
+                f.write(_meta_dumps(m).encode())
+            if self.out.exists():
+                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+                os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            if old is not None and not self.out.exists():
+                os.rename(old, self.out)                  # the dataset there before goes back
+            raise self._failed(e) from None
         self.finished = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,8 @@ Colour scale of error maps and attention heat-maps: a five-stop approximation of
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from unit.io import write_png
+
 MAGMA = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
 INK, PAPER, MARK = (235, 235, 235), (24, 24, 24), (60, 255, 60)
 
@@ -87,7 +89,7 @@ class Sheet:
 
     def save(self, path):
         # an adaptive 256-colour palette: a fraction of the RGB file, the same to the eye on these images
-        self.img.convert("P", palette=Image.ADAPTIVE, colors=256).save(path, optimize=True)
+        write_png(path, self.img.convert("P", palette=Image.ADAPTIVE, colors=256), optimize=True)
 
 
 def label_width(texts, least=118, size=12):
