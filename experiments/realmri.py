@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from study import ROOT, UserError, cell, evaluate_all, load_checkpoint, run, train_all
+from study import ROOT, UserError, cell, dry_run, evaluate_all, load_checkpoint, run, train_all
 from unit.hardware import machine
 from unit.io import make_folder, write_text
 
@@ -60,17 +60,24 @@ def prepare(src, data, split_file):
          "--quiet"])
 
 
-def variant_flags(out, name, flags):
-    """The train.py flags of variant `name`: stored in OUT/<name>.json by its first call, checked after."""
+def variant_flags(out, name, flags, data):
+    """The train.py flags of variant `name`, bound to it in OUT/<name>.json by its first call together with the
+    config train.py resolves from them (its --dry-run: the CPU preset included), so that a later call with other
+    flags, or after a change of the preset, is refused instead of mixing two variants' runs."""
     path = os.path.join(out, f"{name}.json")
+    cfg = dry_run(["--data", data, *flags])
+    cfg = {k: v for k, v in cfg.items() if k not in ("out", "seed", "data", "device")}
     if os.path.isfile(path):
-        kept = json.load(open(path))["flags"]
-        if kept != flags:
-            raise UserError(f"variant {name} of {out} was trained with the train.py flags {kept or '(none)'}, not "
-                            f"{flags or '(none)'}; give this one another --name")
-        return kept
+        with open(path) as f:
+            kept = json.load(f)
+        differ = sorted(k for k in set(cfg) | set(kept.get("config", {})) if cfg.get(k) != kept.get("config", {}).get(k))
+        if kept["flags"] != flags or differ:
+            raise UserError(f"variant {name} of {out} was trained with the train.py flags {kept['flags'] or '(none)'}"
+                            + (f" and other settings ({', '.join(differ)})" if differ else "") + f", not {flags or '(none)'}"
+                            f"; give this one another --name")
+        return kept["flags"]
     make_folder(out)
-    write_text(path, json.dumps({"name": name, "flags": flags}))
+    write_text(path, json.dumps({"name": name, "flags": flags, "config": cfg}, indent=1))
     return flags
 
 
@@ -172,7 +179,7 @@ def main(argv=None):
                         f"{args.name!r})")
     data = os.path.join(args.out, "data")
     prepare(args.src, data, args.split)
-    flags = variant_flags(args.out, args.name, extra)
+    flags = variant_flags(args.out, args.name, extra, data)
     t0 = time.time()
     runs = [(f"{args.name} seed {s}", os.path.join(args.out, f"{args.name}-seed{s}"),
              ["--data", data, "--seed", str(s), "--out", os.path.join(args.out, f"{args.name}-seed{s}"), *flags])
