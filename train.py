@@ -109,11 +109,12 @@ class Config:
 # - the built-in phantom: 1.3-2.7 it/s (the machine varies), 6 epochs of 225 iterations in 9-18 min;
 # - real scans (--data prepared from NIfTI, e.g. BraTS at 2 mm, 112x96): resize upsampling (no checkerboard),
 #   batch 2 and a learning rate of 6e-4 for G and 4x that for D (the discriminators barely learned at the
-#   phantom's settings), 3300 steps (~25 min at 2.2 it/s), and a time guard that ends a slower machine's run
-#   at 28 minutes, so a run takes at most ~30.
+#   phantom's settings), both rates falling linearly to 0 over the second half (CycleGAN's schedule: the last
+#   checkpoint varied less between seeds), 3300 steps (21-25 min at 2.2-2.6 it/s), and a time guard that ends
+#   a slower machine's run at 28 minutes, so a run takes at most ~30.
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
-CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, upsample="resize", max_steps=3300,
-                        max_minutes=28.0, eval_every=1)
+CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize",
+                        max_steps=3300, max_minutes=28.0, eval_every=1)
 
 def data_source(path):
     """meta.json's "source" of a prepared dataset ("phantom", "brats", ...), or None when it cannot be read
