@@ -23,7 +23,7 @@ included; GPU only). TFLOP/s counts the algorithm's FLOPs, the same for every me
   (backward = recompute S, dV, dP, dQ, dK; naive does not recompute S but is credited the same).
 "err" is ||o - o_ref|| / ||o_ref|| of the forward output on the first image, o_ref in float64.
 After the table: per shape, the fused op's fwd+bwd speed-up over naive and over the fastest SDPA
-backend, and what UNIT_ATTN=auto picks there (unit/attention.py's rule, on this run's times).
+backend, and what UNIT_ATTN=auto picks there (unit/backends.py's rule, on this run's times).
 
 train: train.py itself, each run in a process of its own on the phantom of the chosen size (default:
   the poster's 304x256 / width 64 / batch 8 on a GPU, the CPU preset's 96x80 / 8 / 4 on a CPU):
@@ -57,7 +57,8 @@ from pathlib import Path
 
 import torch
 
-from unit.attention import CPU_MARGIN, attention_reference as naive_attention, attention_sdpa
+from unit.attention import attention_reference as naive_attention
+from unit.backends import CPU_MARGIN, attention_sdpa
 from unit.hardware import machine
 
 ROOT = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ SDPA_BACKENDS = ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENT
 
 
 def make_sdpa(backend_name):
-    """unit.attention.attention_sdpa restricted to one SDPA backend."""
+    """unit.backends.attention_sdpa restricted to one SDPA backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
@@ -316,7 +317,7 @@ def attention_table(device, shapes, dtypes, warmup, iters, log=print):
 
 
 def auto_pick(device, q, k, v, fb):
-    """What UNIT_ATTN=auto picks for this shape: unit/attention.py's rule applied to this run's
+    """What UNIT_ATTN=auto picks for this shape: unit/backends.py's rule applied to this run's
     times (on the CPU its own measurement may differ), the self-check taken as passed."""
     from unit import ops
     if device == "cuda":
@@ -515,7 +516,7 @@ def cmd_gpu_check(args):
         not_run.append("the CUDA build (no GPU)")
 
     # 2. self-check in a child process (what auto runs on first use)
-    import unit.attention as A
+    import unit.backends as A
     t0 = time.time()
     verdict = A.run_selfcheck(device)
     log(f"- self-check on {device} (child process): {'passed' if verdict['ok'] else 'FAILED'}: "

@@ -478,7 +478,7 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         f"{n_train} training slices, {steps_per_epoch} steps/epoch, {total} steps in total; batch {bs} per domain"
         + (f" x {world} processes = {gbs}" if world > 1 else "") + (", autocast bf16" if cfg["amp"] == "bf16" else ""))
     if cfg["attn"] != "none":
-        from unit.attention import describe
+        from unit.backends import describe
         say(f"self-attention ({cfg['attn']}): {describe()}")
     if cfg["eval_every"] and not data.paired:
         say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "

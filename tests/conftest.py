@@ -14,6 +14,11 @@ if ROOT not in sys.path:
 # tests (and the train.py / evaluate.py processes they start) use a cache of their own instead,
 # so they neither depend on nor change what a user's runs decided
 os.environ["UNIT_ATTN_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="unit-attn-test-"), "attention_cache.json")
+# Tests run the model on the readable reference attention (UNIT_ATTN=naive), in this process and in the scripts
+# they start: with the default, auto, a model's first forward would build the C++ op and start the op's
+# self-check child. The op's own tests (test_attention_op.py, test_attention_dispatch.py, test_cuda_emu.py)
+# and the model tests that compare backends name theirs. UNIT_ATTN=fused pytest ... runs the rest on the op.
+os.environ.setdefault("UNIT_ATTN", "naive")
 
 
 def pytest_configure(config):

@@ -1,5 +1,5 @@
 """
-How attention() picks its backend (unit/attention.py) and how the fused op's CUDA build decides
+How attention() picks its backend (unit/backends.py) and how the fused op's CUDA build decides
 (unit/ops.py), tested on the CPU: the self-check in a child process (a crashing, a wrong and a
 raising op fail it, the real op passes), its cached verdict, the SDPA fallback, the per-shape CPU
 choice, the CUDA branch of auto with the op's answers mocked, and the checks made before building
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-import unit.attention as A
+import unit.backends as A
 from unit import ops
 
 

@@ -118,7 +118,7 @@ def test_losses_against_hand_computed_values():
 
 
 def _with_backend(monkeypatch, name):
-    import unit.attention as A
+    import unit.backends as A
     monkeypatch.setenv("UNIT_ATTN", name)
     assert A.backend() == name
 

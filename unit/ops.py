@@ -11,7 +11,7 @@ variant (CPU + CUDA kernels) is built for that GPU's own architecture, unless cu
 finds a reason not to (a GPU older than sm_80, a TORCH_CUDA_ARCH_LIST below 8.0 or without this
 GPU, an nvcc whose major version differs from torch's CUDA): then one warning names the versions
 and the fix. If the CUDA variant is not built or fails, the CPU-only variant is built, so CPU
-tensors still get the fused op (and CUDA tensors the fallback of unit/attention.py).
+tensors still get the fused op (and CUDA tensors the fallback of unit/backends.py).
 
 Public API:
     load(verbose=True) -> bool   builds/loads once per process; True if the op is usable
@@ -25,7 +25,7 @@ Registered on load: torch.ops.unit_attn.attention_fwd(q, k, v) -> (o, lse) and
 torch.ops.unit_attn.attention_bwd(grad_o, q, k, v, o, lse) -> (dq, dk, dv), their fake kernels
 (torch.compile, opcheck), autograd for attention_fwd (lse is not differentiable) and its autocast
 rule (bf16 inputs on CUDA, fp32 on the CPU).
-Which backend the model uses (fused or PyTorch) is decided in unit/attention.py, not here.
+Which backend the model uses (fused or PyTorch) is decided in unit/backends.py, not here.
 """
 
 import hashlib
