@@ -299,7 +299,7 @@ def variant(cfg):
     """A checkpoint's model variant in the poster's words, from its config."""
     parts = ["baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"]
     parts += ["+SN"] * cfg["sn"] + ["+CL"] * cfg["charbonnier"] + ["RGB"] * (cfg["channels"] == 3)
-    parts += ["resize-upsampling"] * (cfg.get("upsample", "deconv") == "resize")
+    parts += ["resize-upsampling"] * (cfg["upsample"] == "resize")
     return " ".join(parts)
 
 

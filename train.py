@@ -159,8 +159,11 @@ def resolve_config(given, full, resume, world=1):
     world: the number of processes (torchrun); it is part of the config, as the global batch is."""
     if resume:
         ckpt = checkpoint.load(resume)
-        # settings added to Config after the checkpoint was written take their defaults
-        cfg = {**dataclasses.asdict(Config()), "world_size": 1, **ckpt["config"]}
+        cfg = dict(ckpt["config"])          # complete: load() fills keys added since (checkpoint.ADDED_KEYS)
+        missing = sorted(set(dataclasses.asdict(Config())) - set(cfg))
+        if missing:
+            raise UserError(f"{resume} has no {', '.join(missing)} in its config and unit/checkpoint.py's ADDED_KEYS "
+                            f"says nothing of what its run did; add the value(s) there")
         for k, v in given.items():
             if k not in RESUMABLE and v != cfg.get(k):
                 raise UserError(f"--{k.replace('_', '-')} {v} contradicts the checkpoint {resume}, which was "

@@ -1,5 +1,6 @@
 """train.py / evaluate.py end to end on a tiny phantom: CLI smoke, checkpoints, exact resume,
 and the one-sentence errors for bad input."""
+import dataclasses
 import json
 import math
 import os
@@ -251,14 +252,18 @@ def test_cuda_step_never_waits_for_the_gpu(amp):
     assert torch.isfinite(torch.stack(losses)).all()
 
 
-def test_checkpoints_from_before_amp_and_torchrun_still_load(tiny_data, tmp_path):
-    """Version 1 files written before --amp and torchrun have no "amp" and "world_size" in their config:
-    evaluate.py reads them and --resume continues them with the defaults (fp32, 1 process)."""
+def test_version_1_checkpoints_from_before_later_settings_still_evaluate_and_resume(tiny_data, tmp_path):
+    """A version-1 file as the first train.py wrote it has none of the config keys added since (--upsample, --amp,
+    torchrun, --gan-loss, --lr-d, ...): checkpoint.load fills each with what those runs did (ADDED_KEYS), so
+    evaluate.py reads it and --resume continues it; every Config field is either in the first files or there."""
+    first = {"data", "size", "out", "attn", "sn", "charbonnier", "charbonnier_eps", "channels", "width", "w_gan",
+             "w_kl", "w_rec", "w_kl_cyc", "w_cyc", "lr", "beta1", "beta2", "batch_size", "epochs", "max_steps",
+             "seed", "save_epochs", "eval_every", "eval_limit", "log_every", "device"}    # Config of 4fd8788
+    assert set(dataclasses.asdict(train.Config())) | {"world_size", "prep"} == first | set(checkpoint.ADDED_KEYS)
     out = tmp_path / "run"
     assert run("train.py", "--data", tiny_data, "--out", str(out), "--max-steps", "1", *TINY).returncode == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for k in ("amp", "world_size"):
-        del ckpt["config"][k]
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k in first}
     torch.save(ckpt, out / "old.pt")
     r = run("evaluate.py", str(out / "old.pt"))
     assert r.returncode == 0 and "SSIM T1" in r.stdout, r.stderr

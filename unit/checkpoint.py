@@ -9,8 +9,9 @@
 
 "config" is the resolved training config (train.py's Config as a dict), so that build_model()
 and evaluate.py need nothing else. Files are loaded with torch.load(weights_only=True): no pickled
-code runs. A key that later versions of train.py add to the config is missing from older files;
-train.py fills it from its Config defaults on --resume.
+code runs. A key that later versions of train.py add to the config is missing from older files:
+load() fills it in from ADDED_KEYS, the one place that says what those runs did, so every script
+(evaluate.py, translate.py, train.py --resume) reads a complete config.
 """
 import os
 
@@ -22,6 +23,11 @@ from unit.model import UNIT
 
 FORMAT = "unit-mri-checkpoint"
 VERSION = 1
+
+# Config keys added after the first version-1 checkpoints, each with the value that reproduces what a run
+# made before it did (which need not be today's default). A new Config field goes here too.
+ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
+              "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None}
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False):
@@ -51,13 +57,13 @@ def load(path, map_location="cpu"):
     if ckpt.get("version", 1) > VERSION:
         raise UserError(f"{path} is a version {ckpt['version']} checkpoint, newer than this code reads "
                         f"(version {VERSION}); update the repository")
+    ckpt["config"] = {**ADDED_KEYS, **ckpt["config"]}
     return ckpt
 
 
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
-    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"],
-                upsample=cfg.get("upsample", "deconv"))   # checkpoints before --upsample: deconv
+    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"])
 
 
 def load_model(path, device="cpu"):
