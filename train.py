@@ -371,7 +371,7 @@ def set_requires_grad(params, flag):
         p.requires_grad_(flag)
 
 
-LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl")
+LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl", "kl_cyc")
 
 
 def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
@@ -415,7 +415,7 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     loss_g.backward()
     opt_g.step()
     set_requires_grad(model.discriminator_params(), True)
-    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl]).detach()
+    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl, loss_kl_cyc]).detach()
 
 
 def lr_factor(step, total, decay):

@@ -38,7 +38,8 @@ def weights(path):
 
 def test_cli_train_then_evaluate(tiny_data, tmp_path):
     out = tmp_path / "run"
-    r = run("train.py", "--data", tiny_data, "--out", str(out), "--epochs", "2", "--save-epochs", "1,2", *TINY)
+    r = run("train.py", "--data", tiny_data, "--out", str(out), "--epochs", "2", "--save-epochs", "1,2", "--log-every",
+            "1", *TINY)
     assert r.returncode == 0, r.stderr
     assert "config" in r.stdout
     # the phantom has brain masks, so each evaluation line leads with the brain-masked SSIM
@@ -49,6 +50,10 @@ def test_cli_train_then_evaluate(tiny_data, tmp_path):
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["epoch"] for m in lines if m["kind"] == "eval"] == [1, 2]
     assert all(-1 <= m["identity_ssim_mask"] <= 1 for m in lines if m["kind"] == "eval")
+    cfg = json.load(open(out / "config.json"))                        # every term of G's loss is logged
+    steps = [m for m in lines if m["kind"] == "train"]
+    assert len(steps) == 6 and all(m["G"] == pytest.approx(sum(cfg["w_" + k] * m[k] for k in
+                                   ("gan", "kl", "rec", "kl_cyc", "cyc")), rel=1e-5) for m in steps)
     r = run("evaluate.py", str(out / "ckpt.pt"), "--json", str(tmp_path / "res.json"),
             "--save-images", str(tmp_path / "img"))
     assert r.returncode == 0, r.stderr
@@ -270,7 +275,7 @@ def test_version_1_checkpoints_from_before_later_settings_still_evaluate_and_res
     r = run("train.py", "--resume", str(out / "old.pt"), "--max-steps", "2", "--out", str(tmp_path / "resumed"))
     assert r.returncode == 0, r.stderr
     cfg = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["config"]
-    assert cfg["amp"] == "fp32" and cfg["world_size"] == 1
+    assert {k: cfg[k] for k in checkpoint.ADDED_KEYS} == checkpoint.ADDED_KEYS
 
 
 def test_brain_slices_resume_exactly(tmp_path):
