@@ -55,7 +55,7 @@ def test_checkpoint_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, e
 
 
 def _csv(path):
-    cfg = {"attn": "none", "sn": False, "charbonnier": False, "channels": 1}
+    cfg = {**checkpoint.ADDED_KEYS, "attn": "none", "sn": False, "charbonnier": False, "channels": 1}
     res = {"T1": {"ssim": 0.5}, "T2": {"ssim": 0.6}}
     evaluate.write_csv(path, [{"ckpt": "a.pt", "config": cfg, "epoch": 1, "res": res}])
 
