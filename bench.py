@@ -60,6 +60,7 @@ import torch
 from unit.attention import attention_reference as naive_attention
 from unit.backends import CPU_MARGIN, attention_sdpa
 from unit.hardware import machine
+from unit.model import ATTN_CHOICES
 
 ROOT = Path(__file__).resolve().parent
 # name: (d, c, N, B); B None = the device's default (8 on GPU). GPU: 304x256 at width 64.
@@ -650,7 +651,7 @@ def main():
     t.add_argument("--size", default=None, help="HxW (default 304x256 on GPU, 96x80 on CPU)")
     t.add_argument("--width", type=int, default=None, help="model width (default 64 on GPU, 8 on CPU)")
     t.add_argument("--batch", type=int, default=None, help="images per domain and process (default 8 GPU, 4 CPU)")
-    t.add_argument("--attn", default="encoder", choices=["none", "encoder", "generator", "both"])
+    t.add_argument("--attn", default="encoder", choices=ATTN_CHOICES)
     t.add_argument("--sn", action="store_true")
     t.add_argument("--charbonnier", action="store_true")
     t.add_argument("--steps", type=int, default=None, help="train.py steps per run (default 60 GPU, 25 CPU)")

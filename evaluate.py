@@ -40,7 +40,7 @@ import sys
 import numpy as np
 import torch
 
-from unit import UserError
+from unit import UserError, variants
 from unit.checkpoint import load_model
 from unit.data import load_prepared
 from unit.evaluation import (evaluate, figure_slices, has_brain_mask, paired_bootstrap, reference_scores, to_model,
@@ -295,14 +295,6 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
           ", ".join(f"{n} {g:+.4f}" for n, g in layers.items()))
 
 
-def variant(cfg):
-    """A checkpoint's model variant in the poster's words, from its config."""
-    parts = ["baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"]
-    parts += ["+SN"] * cfg["sn"] + ["+CL"] * cfg["charbonnier"] + ["RGB"] * (cfg["channels"] == 3)
-    parts += ["resize-upsampling"] * (cfg["upsample"] == "resize")
-    return " ".join(parts)
-
-
 def compare_table(rows, subjects, n_boot, cols=COLUMNS):
     """Markdown: one row per checkpoint (means), the identity row, then each row after the first as a
     paired difference to the first with its 95% bootstrap interval over test subjects."""
@@ -310,7 +302,7 @@ def compare_table(rows, subjects, n_boot, cols=COLUMNS):
     head = "| checkpoint | model | epoch | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     out = [head, "|---" * (3 + 2 * len(keys)) + "|"]
     for r in rows:
-        out.append(f"| {r['ckpt']} | {variant(r['config'])} | {r['epoch']} | " +
+        out.append(f"| {r['ckpt']} | {variants.label(r['config'])} | {r['epoch']} | " +
                    " | ".join(f"{fmt(k, r['res']['T1'][k])} | {fmt(k, r['res']['T2'][k])}" for k, _ in keys) + " |")
     ident = rows[0]["res"]["identity"]
     out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident['T1'][k])} | {fmt(k, ident['T2'][k])}"
@@ -334,7 +326,7 @@ def compare_table(rows, subjects, n_boot, cols=COLUMNS):
                 for c in ("T1", "T2"):
                     d, lo, hi = r["diff"][c][k]
                     cells.append(f"{fmt(k, d)} [{fmt(k, lo)}, {fmt(k, hi)}]")
-            out.append(f"| {r['ckpt']} | {variant(r['config'])} | {r['epoch']} | " + " | ".join(cells) + " |")
+            out.append(f"| {r['ckpt']} | {variants.label(r['config'])} | {r['epoch']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -514,7 +506,7 @@ def write_csv(path, rows, cols=COLUMNS):
             means = [r["res"][c][k] for k in keys for c in ("T1", "T2")]
             diffs = [x for k in keys for c in ("T1", "T2") for x in r["diff"][c][k]] if "diff" in r else \
                 [""] * (6 * len(keys))
-            w.writerow([r["ckpt"], variant(r["config"]), r["epoch"]] + means + diffs)
+            w.writerow([r["ckpt"], variants.label(r["config"]), r["epoch"]] + means + diffs)
         write_text(path, f.getvalue())
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from unit import UserError, checkpoint
+from unit import UserError, checkpoint, variants
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
@@ -220,8 +220,7 @@ def check_config(cfg, given):
         raise UserError(f"--device {cfg['device']}: under torchrun each process takes the GPU of its LOCAL_RANK; "
                         f"pass --device cuda (or nothing), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if not cfg["out"]:
-        cfg["out"] = "runs/" + "-".join([cfg["attn"]] + ["sn"] * cfg["sn"] + ["cl"] * cfg["charbonnier"] +
-                                        ["rgb"] * (cfg["channels"] == 3) + ["resize"] * (cfg["upsample"] == "resize"))
+        cfg["out"] = "runs/" + variants.name(cfg)          # e.g. runs/encoder-sn-cl
     return h, w
 
 

@@ -26,10 +26,13 @@ import sys
 import time
 
 from study import UserError, cell, dry_run, evaluate_all, train_all
+from unit import variants as unit_variants
 from unit.io import make_folder, write_text
 
-# (run name = train.py's default folder name, the poster's label, train.py flags, the poster's SSIM T1, T2
-# at epoch 75 on HCP at 304x256: a reference for the poster's configuration, not for other data)
+# (the variant's key for --variants, the poster's label, train.py flags, the poster's SSIM T1, T2 at epoch 75
+# on HCP at 304x256: a reference for the poster's configuration, not for other data). A run's folder is named
+# by unit.variants.name of the config train.py resolves for it, the flags after `--` included (so
+# `-- --gan-loss lsgan` gets folders of its own); with no such flags it is the key.
 VARIANTS = [
     ("none-rgb", "Baseline (RGB)", ["--channels", "3"], 0.7563, 0.716),
     ("none", "Baseline (gray scale)", [], 0.7617, 0.7217),
@@ -99,7 +102,8 @@ def main(argv=None):
     epochs = cfg["epochs"]
     t_epochs, t1_epoch = table_epochs(epochs)
     save = ",".join(str(e) for e in t_epochs)
-    runs = [(name, seed, flags, os.path.join(args.out, f"{name}-seed{seed}"))
+    planned = {name: dry_run([*flags, *extra]) for name, _, flags, _, _ in variants}
+    runs = [(name, seed, flags, os.path.join(args.out, f"{unit_variants.name(planned[name])}-seed{seed}"))
             for name, _, flags, _, _ in variants for seed in range(args.seeds)]
     ck = lambda folder, e: os.path.join(folder, f"ckpt_e{e:03d}.pt")
     print(f"study: {len(variants)} variants x {args.seeds} seed(s), {epochs} epochs each (checkpoints at epochs "
@@ -109,7 +113,8 @@ def main(argv=None):
     t0 = time.time()
     train_all([(f"{name} seed {seed}", folder, [*flags, "--seed", str(seed), "--out", folder, "--epochs", str(epochs),
                                                  "--save-epochs", save, *extra])
-               for name, seed, flags, folder in runs], lambda folder: ck(folder, epochs))
+               for name, seed, flags, folder in runs], lambda folder: ck(folder, epochs),
+              planned={folder: planned[name] for name, _, _, folder in runs})
     minutes = (time.time() - t0) / 60
 
     # table 1: the gray baseline first (the reference of the paired differences), then the poster's order

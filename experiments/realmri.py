@@ -63,7 +63,8 @@ def prepare(src, data, split_file):
 def variant_flags(out, name, flags, data):
     """The train.py flags of variant `name`, bound to it in OUT/<name>.json by its first call together with the
     config train.py resolves from them (its --dry-run: the CPU preset included), so that a later call with other
-    flags, or after a change of the preset, is refused instead of mixing two variants' runs."""
+    flags, or after a change of the preset, is refused instead of mixing two variants' runs. Returns (the flags,
+    that config)."""
     path = os.path.join(out, f"{name}.json")
     cfg = dry_run(["--data", data, *flags])
     cfg = {k: v for k, v in cfg.items() if k not in ("out", "seed", "data", "device")}
@@ -75,10 +76,10 @@ def variant_flags(out, name, flags, data):
             raise UserError(f"variant {name} of {out} was trained with the train.py flags {kept['flags'] or '(none)'}"
                             + (f" and other settings ({', '.join(differ)})" if differ else "") + f", not {flags or '(none)'}"
                             f"; give this one another --name")
-        return kept["flags"]
+        return kept["flags"], cfg
     make_folder(out)
     write_text(path, json.dumps({"name": name, "flags": flags, "config": cfg}, indent=1))
-    return flags
+    return flags, cfg
 
 
 def runs_of(out):
@@ -179,12 +180,12 @@ def main(argv=None):
                         f"{args.name!r})")
     data = os.path.join(args.out, "data")
     prepare(args.src, data, args.split)
-    flags = variant_flags(args.out, args.name, extra, data)
+    flags, planned = variant_flags(args.out, args.name, extra, data)
     t0 = time.time()
     runs = [(f"{args.name} seed {s}", os.path.join(args.out, f"{args.name}-seed{s}"),
              ["--data", data, "--seed", str(s), "--out", os.path.join(args.out, f"{args.name}-seed{s}"), *flags])
             for s in range(args.seeds)]
-    train_all(runs, lambda folder: None)
+    train_all(runs, lambda folder: None, planned={folder: planned for _, folder, _ in runs})
     print(f"training: {(time.time() - t0) / 60:.1f} min in this call", flush=True)
 
     found = runs_of(args.out)

@@ -32,10 +32,36 @@ def dry_run(flags):
     return json.loads(run([sys.executable, "train.py", "--dry-run", *flags], log=True).strip().splitlines()[-1])
 
 
-def train_all(runs, done):
+# settings a study may plan differently from what a run of the same variant recorded: its length, logging, device
+RUN_KEYS = {"out", "seed", "epochs", "save_epochs", "max_steps", "max_minutes", "eval_every", "eval_limit",
+            "log_every", "device", "amp", "world_size", "prep"}
+
+
+def same_run(folder, planned):
+    """Refuse to reuse a run folder whose checkpoint was trained with other settings than the study plans."""
+    latest = os.path.join(folder, "ckpt.pt")
+    if planned is None or not os.path.isfile(latest):
+        return
+    had = load_checkpoint(latest)["config"]
+    planned = dict(planned)
+    if isinstance(planned.get("size"), str):              # the built-in phantom's "HxW"; a run records [H, W]
+        planned["size"] = [int(s) for s in planned["size"].lower().split("x")]
+    if not planned.get("data"):                            # the built-in phantom: the run records where it was made
+        planned.pop("data", None)
+    differ = sorted(k for k in planned if k not in RUN_KEYS and had.get(k) != planned[k])
+    if differ:
+        raise UserError(f"{folder} holds a run trained with other settings than this study's ("
+                        + ", ".join(f"{k}: {had.get(k)!r}, not {planned[k]!r}" for k in differ)
+                        + "); move it away or pass another --out")
+
+
+def train_all(runs, done, planned=None):
     """Train every run in order: runs = [(label, folder, train.py flags)]; done(folder) -> the path of the file
     whose presence means the run is finished, or None when ckpt.pt alone says so. A finished run is skipped,
-    one with only a ckpt.pt resumed (train.py --resume), any other started."""
+    one with only a ckpt.pt resumed (train.py --resume), any other started. planned: {folder: the config train.py
+    resolves for it (dry_run)}: a folder whose checkpoint has other settings is refused, never reused."""
+    for folder in (planned or {}):
+        same_run(folder, planned[folder])
     for n, (label, folder, flags) in enumerate(runs):
         latest, final = os.path.join(folder, "ckpt.pt"), done(folder)
         head = f"[{n + 1}/{len(runs)}] {label}:"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny
 from unit.checkpoint import load_model
 from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate
@@ -84,3 +85,34 @@ def test_table_epochs_scale_the_posters(epochs, want):
     finally:
         sys.path.pop(0)
     assert poster.table_epochs(epochs) == want
+
+
+def test_a_variant_is_named_in_one_place(tmp_path):
+    """unit/variants.py names each of the poster's variants as its key (train.py's default --out) and labels it;
+    a setting that changes the objective (--gan-loss) gets another folder; a study refuses a run folder whose
+    checkpoint has other settings than it plans instead of taking it for its own."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import poster
+    import study
+    import train
+    from unit import variants
+
+    def config(flags):
+        given, full, *_ = train.parse_args(flags)
+        return train.resolve_config(given, full, resume=None)[0]
+
+    for key, label, flags, *_ in poster.VARIANTS:
+        cfg = config(flags)
+        train.check_config(cfg, {})
+        assert variants.name(cfg) == key and cfg["out"] == f"runs/{key}"
+    assert variants.label(config(["--attn", "encoder", "--sn", "--charbonnier"])) == "attention in encoder +SN +CL"
+    lsgan = config(["--gan-loss", "lsgan"])
+    assert variants.name(lsgan) == "none-lsgan" and variants.label(lsgan) == "baseline lsgan loss"
+
+    data = str(tmp_path / "data")
+    prepare_phantom(data, n_train=2, n_test=1, slices=1, size=(64, 64), seed=0, progress=False)
+    folder = os.path.dirname(train_tiny(data, tmp_path / "none-seed0", 1))
+    tiny = ["--data", data, "--full", "--width", "4", "--batch-size", "2", "--device", "cpu", "--eval-every", "0"]
+    study.same_run(folder, study.dry_run(tiny))                              # the run it plans: reused
+    with pytest.raises(study.UserError, match=r"gan_loss: 'bce', not 'lsgan'.*move it away or pass another --out"):
+        study.same_run(folder, study.dry_run([*tiny, "--gan-loss", "lsgan"]))
