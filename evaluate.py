@@ -149,7 +149,7 @@ def evaluate_volumes(model, cfg, data, args):
             r = prepare_subject(s, size=tuple(cfg["size"]), slices="all", percentiles=pct,
                                 resample_t2=args.layout == "ixi", register=registered,
                                 mask_rule=LAYOUT_MASK_RULE[args.layout],
-                                spacing=(cfg.get("prep") or {}).get("spacing") or data.meta.get("spacing"))
+                                spacing=train_spacing(cfg) or data.meta.get("spacing"))
         except DataError as e:
             print(f"warning: skipping subject {s.id}: {e}", file=sys.stderr)
             continue
@@ -196,7 +196,7 @@ def evaluate_volumes(model, cfg, data, args):
 
 def train_spacing(cfg):
     """The in-plane spacing (mm) a checkpoint's training slices were resampled to, or None (the sources' own)."""
-    return (cfg.get("prep") or {}).get("spacing")
+    return (cfg["prep"] or {}).get("spacing")
 
 
 def data_mismatch(cfg, data):

@@ -425,15 +425,20 @@ def lr_factor(step, total, decay):
     return 1.0 if not decay or step < start else max(0.0, (total - step) / (total - start))
 
 
+def lr_of_d(cfg):
+    """The discriminators' learning rate: --lr-d, or --lr when it is 0."""
+    return cfg["lr_d"] or cfg["lr"]
+
+
 def set_lr(opt_g, opt_d, cfg, factor):
     opt_g.param_groups[0]["lr"] = cfg["lr"] * factor
-    opt_d.param_groups[0]["lr"] = (cfg.get("lr_d") or cfg["lr"]) * factor
+    opt_d.param_groups[0]["lr"] = lr_of_d(cfg) * factor
 
 
 def make_optimizers(model, cfg):
     betas = (cfg["beta1"], cfg["beta2"])
     return (torch.optim.Adam(model.generator_params(), lr=cfg["lr"], betas=betas),
-            torch.optim.Adam(model.discriminator_params(), lr=cfg.get("lr_d") or cfg["lr"], betas=betas))
+            torch.optim.Adam(model.discriminator_params(), lr=lr_of_d(cfg), betas=betas))
 
 
 def train(cfg, data, ckpt=None, device=None, rank=0, world=1):

@@ -139,7 +139,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
             raise DataError(f"mask {mask_path} (shape {m.shape}) is not on the grid of {src_path} (shape "
                             f"{vol.shape}); pass the mask that belongs to this scan")
         mask = m > 0
-    prep = cfg.get("prep") or {}
+    prep = cfg["prep"] or {}
     pct = tuple(prep.get("percentiles") or PERCENTILES)
     rule = prep.get("mask_rule") or "threshold"
     spacing = prep.get("spacing")

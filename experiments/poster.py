@@ -97,12 +97,14 @@ def main(argv=None):
                         "--out, --seeds and --epochs before `--`")
     variants = [v for v in VARIANTS if v[0] in chosen]
 
-    # the run length: asked of train.py itself, so its defaults (and CPU preset) stay in one place
-    cfg = dry_run([*extra] + (["--epochs", str(args.epochs)] if args.epochs else []))
+    # each variant's config, and so the run length, asked of train.py itself, so its defaults (and CPU preset)
+    # stay in one place; length, data and device are the same for every variant
+    length = ["--epochs", str(args.epochs)] if args.epochs else []
+    planned = {name: dry_run([*flags, *extra, *length]) for name, _, flags, _, _ in variants}
+    cfg = next(iter(planned.values()))
     epochs = cfg["epochs"]
     t_epochs, t1_epoch = table_epochs(epochs)
     save = ",".join(str(e) for e in t_epochs)
-    planned = {name: dry_run([*flags, *extra]) for name, _, flags, _, _ in variants}
     runs = [(name, seed, flags, os.path.join(args.out, f"{unit_variants.name(planned[name])}-seed{seed}"))
             for name, _, flags, _, _ in variants for seed in range(args.seeds)]
     ck = lambda folder, e: os.path.join(folder, f"ckpt_e{e:03d}.pt")
