@@ -1,7 +1,7 @@
 """
 Benchmarks and the first-GPU check, printed as markdown.
 
-    python bench.py attention                      # GPU: both UNIT shapes at B=8, fp32 and bf16
+    python bench.py attention                      # GPU: the UNIT shapes at B=8, fp32 and bf16
                                                    # CPU: the shapes listed in CPU_SHAPES, fp32 (~2 min)
     python bench.py attention --shapes encoder --dtypes bf16 --batch 1
     python bench.py attention --shape 64,512,4096  # any d,c,N[,B], repeatable
@@ -36,9 +36,9 @@ gpu-check: what the first GPU this project gets should run, in one command and u
 on an H100; it prints one markdown report (README's Performance section takes it as it is):
 the CUDA build for this GPU, the fused op's self-check, the CUDA tests of
 tests/test_attention_op.py, compute-sanitizer memcheck, racecheck and synccheck on a small case,
-`attention` at both UNIT shapes (B = 8, fp32 and bf16), 50 train.py steps of the poster's
-configuration (304x256, width 64, batch 8) with --attn encoder and --attn generator on the fused
-op and on SDPA, and `train` (fp32 vs bf16 vs compile) with --attn encoder. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
+`attention` at the UNIT shapes (B = 8, fp32 and bf16), 50 train.py steps of the poster's
+configuration (304x256, width 64, batch 8) with --attn encoder, generator and discriminator on the
+fused op and on SDPA, and `train` (fp32 vs bf16 vs compile) with --attn encoder. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
 the CPU bench, a few CPU-preset steps) and lists what it could not run.
 """
 
@@ -60,11 +60,12 @@ import torch
 from unit.attention import attention_reference as naive_attention
 from unit.backends import CPU_MARGIN, attention_sdpa
 from unit.hardware import machine
-from unit.model import ATTN_CHOICES
+from unit.model import attn_arg
 
 ROOT = Path(__file__).resolve().parent
 # name: (d, c, N, B); B None = the device's default (8 on GPU). GPU: 304x256 at width 64.
-GPU_SHAPES = {"encoder": (64, 512, 4864, None), "generator": (32, 256, 19456, None)}
+GPU_SHAPES = {"encoder": (64, 512, 4864, None), "generator": (32, 256, 19456, None),
+              "discriminator": (32, 256, 1216, None)}      # at 304x256, width 64 (unit/model.py)
 # CPU: issue 7's list, the UNIT shapes at the N the CPU bench always used, the encoder at its
 # real N (B = 1), and the CPU preset's own shapes (96x80, width 8, batch 4)
 CPU_SHAPES = {"encoder@1024": (64, 512, 1024, 1), "generator@2048": (32, 256, 2048, 1),
@@ -568,7 +569,7 @@ def cmd_gpu_check(args):
     log(f"fp32, --sn --charbonnier, the size of `bench.py train` on this device, {steps} steps:\n")
     log("| attn | UNIT_ATTN | s/step | images/s | peak memory | losses finite |")
     log("|---|---|---:|---:|---:|---|")
-    for attn in ("encoder", "generator"):
+    for attn in ("encoder", "generator", "discriminator"):
         for backend in (("fused", "sdpa") if device == "cuda" else ("fused",)):
             rc, secs, out = run([py, "bench.py", "train", "--device", device, "--attn", attn, "--sn", "--charbonnier",
                                  "--steps", steps, "--variants", "fp32"], 900, env={"UNIT_ATTN": backend})
@@ -651,7 +652,7 @@ def main():
     t.add_argument("--size", default=None, help="HxW (default 304x256 on GPU, 96x80 on CPU)")
     t.add_argument("--width", type=int, default=None, help="model width (default 64 on GPU, 8 on CPU)")
     t.add_argument("--batch", type=int, default=None, help="images per domain and process (default 8 GPU, 4 CPU)")
-    t.add_argument("--attn", default="encoder", choices=ATTN_CHOICES)
+    t.add_argument("--attn", default="encoder", type=attn_arg, help="none, or places joined by '+' as train.py's")
     t.add_argument("--sn", action="store_true")
     t.add_argument("--charbonnier", action="store_true")
     t.add_argument("--steps", type=int, default=None, help="train.py steps per run (default 60 GPU, 25 CPU)")

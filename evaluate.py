@@ -21,8 +21,8 @@ interval resampling test *subjects* (their slices are not independent), 2000 res
 --figure draws, for a few test subjects (--subjects, or 3 drawn with seed 0), the input, each
 checkpoint's translation with its SSIM and the real target in both directions, with the absolute
 error under each translation on a fixed colour scale. --attention-maps draws, for one test slice and
-a few query points, the attention weights of every self-attention layer the translation runs through,
-and lists each layer's learned gamma. --spectra draws, per direction, where the real targets and each
+a few query points, the attention weights of every self-attention layer the translation runs through
+(and the target discriminator's, judging the translation), and lists each layer's learned gamma. --spectra draws, per direction, where the real targets and each
 checkpoint's translations put their energy in frequency (mean over the test slices), the picture of
 the Checkerboard column (unit/figures.py draws all three, with Pillow).
 
@@ -259,13 +259,18 @@ def default_queries(mask, image):
 
 def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
     """Attention maps of both translations of test slice idx (one PNG each) and attention.json with
-    the query points and every attention layer's gamma."""
+    the query points and every attention layer's gamma. Each direction runs the translation and then
+    the target domain's discriminator on it (the judgement the generator is trained against), so every
+    placement of --attn is drawn: the source encoder, the target generator, the target discriminator.
+    Layers are found by type (SelfAttention) and named by their place (unit.model.PLACE_OF)."""
     from unit.attention import SelfAttention, attention_weights
+    from unit.evaluation import from_model
     from unit.figures import attention_figure
+    from unit.model import PLACE_OF
     layers = {n: m.gamma.item() for n, m in model.named_modules() if isinstance(m, SelfAttention)}
     if not layers:
         raise UserError(f"--attention-maps: this checkpoint has no self-attention (attn={cfg['attn']}); train "
-                        f"with --attn encoder, generator or both")
+                        f"with --attn PLACE[+PLACE...] from encoder, generator, discriminator")
     H, W = data.shape
     mask = None if data.test_mask is None else np.asarray(data.test_mask[idx]) > 0
     img = {"a": np.asarray(data.test_t1[idx], np.float32), "b": np.asarray(data.test_t2[idx], np.float32)}
@@ -276,23 +281,34 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
     make_folder(out_dir)
     subject = data.meta["slice_subject"]["test"][idx]
     record = {"slice": idx, "subject": subject, "queries": points, "gamma": layers, "layers": {}}
+    drawn = set()
     model.eval()
     for src, name in (("a", "t1_to_t2"), ("b", "t2_to_t1")):
-        with attention_weights(model, points, (H, W)) as maps:
-            model.translate(to_model(img[src][None], cfg["channels"], device), src)
+        judge = model.dis_b if src == "a" else model.dis_a
+        with torch.no_grad(), attention_weights(model, points, (H, W)) as maps:
+            y = model.translate(to_model(img[src][None], cfg["channels"], device), src)
+            judge(y)                                    # (1, 1, h, w) logits: only its attention is kept
+        out = from_model(y)[0].cpu().numpy()
         for m in maps:
             m["beta"] = m["beta"][0]                    # the one image of the batch: (Q, h, w)
-            record["layers"].setdefault(name, []).append({"layer": m["layer"], "grid": list(m["grid"]),
+            place = PLACE_OF[m["layer"].split(".")[0]]
+            record["layers"].setdefault(name, []).append({"layer": m["layer"], "place": place, "grid": list(m["grid"]),
                                                           "queries": [list(q) for q in m["queries"]]})
-            part, side = {"e": "encoder", "g": "generator"}[m["layer"][0]], {"a": "T1w", "b": "T2w"}[m["layer"][4]]
-            m["layer"] = f"{part} {side} ({m['layer']})"
+            drawn.add(m["layer"])
+            if place.startswith("discriminator"):
+                m["image"] = out                        # what that discriminator looked at
+            m["layer"] = f"{place}\n({m['layer']})"
         png = os.path.join(out_dir, f"attention_{name}.png")
         attention_figure(png, img[src], maps, points, f"{subject}, test slice {idx}: {name.replace('_', ' ')} "
-                                                      f"({cfg['attn']} attention); where each query attends")
+                                                      f"(--attn {cfg['attn']}); where each query attends")
         print(f"attention maps: {png} ({len(maps)} layer(s) x {len(points)} queries)")
+    missed = sorted(set(layers) - drawn)
+    if missed:      # a placement no translation or discriminator runs: a model change this function does not know
+        raise UserError(f"--attention-maps: attention layer(s) {', '.join(missed)} did not run in a translation or "
+                        f"its discriminator; draw_attention_maps() needs to run the part that holds them")
     write_text(os.path.join(out_dir, "attention.json"), json.dumps(record, indent=2))
     print("learned gamma (y = gamma * attention + x; 0 = attention unused): " +
-          ", ".join(f"{n} {g:+.4f}" for n, g in layers.items()))
+          ", ".join(f"{PLACE_OF[n.split('.')[0]]} {g:+.4f}" for n, g in layers.items()))
 
 
 def compare_table(rows, subjects, n_boot, cols=COLUMNS):

@@ -42,7 +42,7 @@ from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
 from unit.io import Appender, WriteError, copy_file, failure, lock_folder, release, write_png, write_text
 from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss
-from unit.model import ATTN_CHOICES, UPSAMPLE_CHOICES
+from unit.model import UPSAMPLE_CHOICES, attn_arg
 from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
 
@@ -57,9 +57,10 @@ class Config:
     data: str = opt("", "prepared dataset folder (data/prepare.py); empty = the built-in phantom, "
                         "prepared on first use under data/")
     size: str = opt("304x256", "HxW of the built-in phantom (not with --data: the data sets the size)")
-    out: str = opt("", "run folder (default runs/<attn>[-sn][-cl][-rgb][-resize])")
+    out: str = opt("", "run folder (default runs/<attn>[-sn][-cl][-rgb][-resize][-<gan loss>])")
     # model (the poster's table)
-    attn: str = opt("none", "where to put SAGAN self-attention", choices=ATTN_CHOICES)
+    attn: str = opt("none", "where to put SAGAN self-attention: none, or places joined by '+' from encoder, generator, "
+                            "discriminator (both = encoder+generator, the poster's word)", type=attn_arg)
     sn: bool = opt(False, "spectral norm on every conv of encoders, generators and discriminators")
     charbonnier: bool = opt(False, "Charbonnier penalty instead of L1 for reconstruction and cycle")
     charbonnier_eps: float = opt(1e-3, "epsilon of the Charbonnier penalty sqrt(x^2 + eps^2)")
@@ -138,7 +139,7 @@ def parse_args(argv=None):
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=kw["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            typ = kw.pop("type", None) or {"int": int, "float": float, "str": str}.get(f.type, f.type)
             shown = f" (default {f.default})" if f.default != "" else ""
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=kw.pop("help") + shown, **kw)
     p.add_argument("--full", action="store_true", help="poster settings even without CUDA (no CPU preset)")

@@ -15,7 +15,8 @@ from unit.evaluation import translate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-FLAGS = ["--full", "--width", "4", "--device", "cpu", "--eval-every", "0", "--sn", "--attn", "both", "--log-every", "1"]
+FLAGS = ["--full", "--width", "4", "--device", "cpu", "--eval-every", "0", "--sn", "--attn",
+         "encoder+generator+discriminator", "--log-every", "1"]
 ENV = {**os.environ, "UNIT_ATTN": "naive", "OMP_NUM_THREADS": "1"}
 
 

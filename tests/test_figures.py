@@ -15,7 +15,8 @@ from conftest import train_tiny
 
 from unit.attention import SelfAttention, attention_reference, attention_weights
 from unit.data import prepare_phantom
-from unit.figures import MAGMA, PAPER, colormap, label_width, scale_for, spectrum_figure, translation_figure
+from unit.figures import (MAGMA, PAPER, attention_figure, colormap, label_width, scale_for, spectrum_figure,
+                          translation_figure)
 from unit.model import UNIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def test_attention_weights_sum_to_one_and_are_the_reference_ops():
 
 def test_attention_hook_records_each_layer_on_its_grid_and_matches_its_output():
     torch.manual_seed(1)
-    model = UNIT(width=4, attn="both").eval()
+    model = UNIT(width=4, attn="encoder+generator+discriminator").eval()
     seen = {}
     for name, mod in model.named_modules():
         if isinstance(mod, SelfAttention):
@@ -46,10 +47,13 @@ def test_attention_hook_records_each_layer_on_its_grid_and_matches_its_output():
     x = torch.rand(2, 1, 64, 64) * 2 - 1
     points = [(10, 20), (33, 40), (63, 0)]
     with attention_weights(model, points, (64, 64)) as maps:
-        model.translate(x, "a")
-    assert [m["layer"] for m in maps] == ["enc_a.net.9", "gen_b.net.5"]   # the layers a T1w -> T2w pass runs
-    assert [m["grid"] for m in maps] == [(16, 16), (32, 32)]
-    assert maps[0]["queries"] == [(2, 5), (8, 10), (15, 0)] and maps[1]["queries"] == [(5, 10), (16, 20), (31, 0)]
+        with torch.no_grad():
+            model.dis_b(model.translate(x, "a"))
+    # the layers a T1w -> T2w translation runs, then T2w's discriminator judging it
+    assert [m["layer"] for m in maps] == ["enc_a.net.9", "gen_b.net.5", "dis_b.net.6"]
+    assert [m["grid"] for m in maps] == [(16, 16), (32, 32), (8, 8)]
+    assert [m["queries"] for m in maps] == [[(2, 5), (8, 10), (15, 0)], [(5, 10), (16, 20), (31, 0)],
+                                            [(1, 2), (4, 5), (7, 0)]]
     for m in maps:
         assert m["gamma"] == 0.5
         xin, y = seen[m["layer"]]
@@ -63,6 +67,27 @@ def test_attention_hook_records_each_layer_on_its_grid_and_matches_its_output():
                                        rtol=1e-4, atol=1e-5)
     # the hooks are gone afterwards (only the test's own remain)
     assert all(len(mod._forward_hooks) == 1 for mod in model.modules() if isinstance(mod, SelfAttention))
+
+
+def test_attention_figure_maps_grid_cells_to_pixels_and_draws_each_map_over_its_own_image(tmp_path):
+    """A discriminator's grid need not divide the image (68 rows -> 9 cells, ceil(68 / 8)): pixel row r shows
+    cell r * 9 // 68, the rule the queries are mapped by; a map that carries its own image (the translation a
+    discriminator judged) is drawn over it, the others over the input."""
+    H, W = 68, 64
+    beta = np.zeros((1, 9, 8))
+    beta[0, 8, 7] = 1.0                                            # one query attending to the last cell only
+    maps = [{"layer": "dis", "gamma": 0.1, "grid": (9, 8), "beta": beta, "image": np.ones((H, W))},
+            {"layer": "enc", "gamma": 0.2, "grid": (9, 8), "beta": beta}]
+    path = str(tmp_path / "a.png")
+    attention_figure(path, np.zeros((H, W)), maps, [(5, 5)], "t")
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    s = scale_for((H, W))
+    assert img.shape == (38 + 2 * (H * s + 2) + 40, 150 + 2 * (W * s + 2), 3)
+    px = lambda row, col, r, c: img[38 + row * (H * s + 2) + r * s + s // 2, 150 + col * (W * s + 2) + c * s + s // 2]
+    assert (px(0, 0, 40, 40) == 255).all() and (px(1, 0, 40, 40) == 0).all()     # its own image, else the input
+    hot = np.round(MAGMA[-1] * 0.65 + 255 * 0.35)
+    for r, c, is_hot in ((61, 58, True), (67, 56, True), (60, 58, False), (62, 55, False)):   # 61 * 9 // 68 = 8
+        assert np.abs(px(0, 1, r, c) - (hot if is_hot else 255)).max() <= 1, (r, c)
 
 
 def test_colormap_stops_and_translation_figure_pixels(tmp_path):
@@ -114,7 +139,7 @@ def test_evaluate_figure_and_attention_maps(tmp_path):
     data = str(tmp_path / "phantom")
     prepare_phantom(data, n_train=4, n_test=4, slices=1, size=(64, 64), seed=0, progress=False)
     env = {**os.environ, "UNIT_ATTN": "naive"}
-    ckpt = train_tiny(data, tmp_path / "run", 2, "--attn", "both")
+    ckpt = train_tiny(data, tmp_path / "run", 2, "--attn", "encoder+generator+discriminator")
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, ckpt, "--figure", str(tmp_path / "f.png"),
                         "--subjects", "phantom-0005,phantom-0007", "--spectra", str(tmp_path / "s.png")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
@@ -130,10 +155,11 @@ def test_evaluate_figure_and_attention_maps(tmp_path):
     rec = json.load(open(tmp_path / "att" / "attention.json"))
     state = torch.load(ckpt, weights_only=True)["model"]
     assert rec["gamma"] == {n: pytest.approx(state[f"{n}.gamma"].item()) for n in
-                            ("enc_a.net.9", "enc_b.net.9", "gen_a.net.5", "gen_b.net.5")}
-    assert [m["layer"] for m in rec["layers"]["t2_to_t1"]] == ["enc_b.net.9", "gen_a.net.5"]
+                            ("enc_a.net.9", "enc_b.net.9", "gen_a.net.5", "gen_b.net.5", "dis_a.net.6", "dis_b.net.6")}
+    assert [(m["layer"], m["place"]) for m in rec["layers"]["t2_to_t1"]] == [
+        ("enc_b.net.9", "encoder T2w"), ("gen_a.net.5", "generator T1w"), ("dis_a.net.6", "discriminator T1w")]
     assert rec["queries"] == [[10, 20], [40, 30]]
-    assert Image.open(tmp_path / "att" / "attention_t1_to_t2.png").size == (150 + 3 * 130, 38 + 2 * 130 + 40)
+    assert Image.open(tmp_path / "att" / "attention_t1_to_t2.png").size == (150 + 3 * 130, 38 + 3 * 130 + 40)
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "a2"), "--queries",
                         "10,99"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "outside the 64x64 image" in r.stderr

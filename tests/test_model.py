@@ -1,4 +1,5 @@
-"""Model shapes for every flag combination, one optimisation step per variant, loss functions."""
+"""Model shapes for every flag combination, one optimisation step per variant, attention placements, loss
+functions."""
 import itertools
 import math
 
@@ -8,7 +9,7 @@ import torch
 from train import LOSS_NAMES, Config, make_optimizers, train_step
 from unit.attention import SelfAttention
 from unit.losses import charbonnier_loss, d_loss, g_loss, gan_loss, kl_loss, l1_loss
-from unit.model import ATTN_CHOICES, UNIT
+from unit.model import PLACES, UNIT, attn_name, attn_places
 
 def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
     """train.py's step outside its loop (no DDP; latent noise from torch's global RNG) -> losses dict."""
@@ -17,7 +18,9 @@ def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
     return dict(zip(LOSS_NAMES, losses.tolist()))
 
 
-COMBOS = list(itertools.product(ATTN_CHOICES, (False, True), (1, 3)))
+# each place alone, the poster's 'both', and all three at once
+ATTNS = ("none", "encoder", "generator", "discriminator", "both", "encoder+generator+discriminator")
+COMBOS = list(itertools.product(ATTNS, (False, True), (1, 3)))
 
 
 @pytest.mark.parametrize("attn,sn,channels", COMBOS)
@@ -34,9 +37,30 @@ def test_shapes_at_poster_size(attn, sn, channels):
     y = model.decode(mu, "b")
     assert y.shape == (2, channels, 304, 256)
     assert model.dis_a(y).shape == (2, 1, 9, 7)
-    expect = ([(2, 512, 76, 64)] if attn in ("encoder", "both") else []) + \
-             ([(2, 256, 152, 128)] if attn in ("generator", "both") else [])
-    assert seen == expect   # N = 76*64 = 4864 in the encoder, 152*128 = 19456 in the generator
+    places = attn_places(attn)
+    expect = ([(2, 512, 76, 64)] if "encoder" in places else []) + \
+             ([(2, 256, 152, 128)] if "generator" in places else []) + \
+             ([(2, 256, 38, 32)] if "discriminator" in places else [])
+    assert seen == expect   # N = 76*64 = 4864 in the encoder, 152*128 = 19456 in the generator, 38*32 = 1216 in D
+
+
+def test_attention_placements_compose_and_keep_the_old_layer_names():
+    """--attn: places joined by '+' in any order, one spelling recorded; 'both' = encoder+generator with the
+    same state_dict keys as ever (checkpoints of 'none', 'encoder', 'generator' and 'both' keep loading);
+    the discriminator's block sits after its third conv and moves the later layers' indices only when there."""
+    assert attn_name("discriminator+encoder") == "encoder+discriminator"
+    assert attn_name("generator+encoder") == attn_name("both") == "both"
+    assert attn_places("none") == () and attn_places("both") == ("encoder", "generator")
+    assert attn_places("+".join(reversed(PLACES))) == PLACES
+    for bad in ("", "encoder+", "encoder+encoder", "none+encoder", "decoder", "Encoder", "both+discriminator"):
+        with pytest.raises(ValueError, match="joined by"):
+            attn_places(bad)
+    blocks = lambda attn: [n for n, m in UNIT(width=4, attn=attn).named_modules() if isinstance(m, SelfAttention)]
+    assert blocks("both") == blocks("encoder+generator") == ["enc_a.net.9", "enc_b.net.9", "gen_a.net.5", "gen_b.net.5"]
+    assert blocks("discriminator") == ["dis_a.net.6", "dis_b.net.6"]
+    keys = lambda attn: [k for k in UNIT(width=4, attn=attn).state_dict() if k.startswith("dis_a.")]
+    assert keys("both") == keys("none") and "dis_a.net.10.weight" in keys("none")
+    assert "dis_a.net.11.weight" in keys("discriminator") and "dis_a.net.6.gamma" in keys("discriminator")
 
 
 def test_shared_layers_are_shared():
@@ -76,7 +100,7 @@ def test_spectral_norm_on_every_conv():
 
 
 @pytest.mark.parametrize("attn,sn,charbonnier,channels",
-                         [(a, s, c, ch) for a in ATTN_CHOICES for s in (False, True) for c in (False, True)
+                         [(a, s, c, ch) for a in ATTNS for s in (False, True) for c in (False, True)
                           for ch in (1, 3) if (s == c) or a == "none"])
 def test_one_step_per_variant(attn, sn, charbonnier, channels):
     torch.manual_seed(0)
@@ -126,9 +150,10 @@ def _with_backend(monkeypatch, name):
 @pytest.mark.parametrize("other", ["fused", "sdpa"])
 def test_backends_agree_inside_the_model(monkeypatch, other):
     """Same weights, same input: outputs and every gradient match between UNIT_ATTN=naive and
-    UNIT_ATTN=fused / sdpa (gamma set non-zero, else attention would not touch the output)."""
+    UNIT_ATTN=fused / sdpa (gamma set non-zero, else attention would not touch the output), with attention
+    in every place: the translation, then the target's discriminator on it."""
     torch.manual_seed(0)
-    model = UNIT(width=8, attn="both").double()
+    model = UNIT(width=8, attn="encoder+generator+discriminator").double()
     for m in model.modules():
         if isinstance(m, SelfAttention):
             m.gamma.data.fill_(0.7)
@@ -138,7 +163,8 @@ def test_backends_agree_inside_the_model(monkeypatch, other):
         _with_backend(monkeypatch, name)
         model.zero_grad()
         y = model.decode(model.encode(x, "a"), "b")
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        logits = model.dis_b(y)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().add(logits.sum()).backward()
         out[name] = (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     torch.testing.assert_close(out[other][0], out["naive"][0], rtol=1e-10, atol=1e-12)
     assert out[other][1].keys() == out["naive"][1].keys()
@@ -149,15 +175,15 @@ def test_backends_agree_inside_the_model(monkeypatch, other):
 def test_training_step_with_the_fused_op(monkeypatch):
     _with_backend(monkeypatch, "fused")
     torch.manual_seed(0)
-    cfg = {**Config().__dict__, "attn": "both", "sn": True, "charbonnier": True}
-    model = UNIT(width=4, attn="both", sn=True)
+    cfg = {**Config().__dict__, "attn": "encoder+generator+discriminator", "sn": True, "charbonnier": True}
+    model = UNIT(width=4, attn=cfg["attn"], sn=True)
     opt_g, opt_d = make_optimizers(model, cfg)
     x_a, x_b = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
     for _ in range(2):   # step 2: gamma is non-zero after step 1, so attention is in the graph
         losses = one_step(model, opt_g, opt_d, x_a, x_b, cfg)
     assert all(math.isfinite(v) for v in losses.values())
     gammas = [m.gamma.item() for m in model.modules() if isinstance(m, SelfAttention)]
-    assert len(gammas) == 4 and all(g != 0 for g in gammas)
+    assert len(gammas) == 6 and all(g != 0 for g in gammas)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -89,7 +89,7 @@ def test_table_epochs_scale_the_posters(epochs, want):
 
 def test_a_variant_is_named_in_one_place(tmp_path):
     """unit/variants.py names each of the poster's variants as its key (train.py's default --out) and labels it;
-    a setting that changes the objective (--gan-loss) gets another folder; a study refuses a run folder whose
+    a setting that changes the objective (--gan-loss) or the attention's places gets another folder; a study refuses a run folder whose
     checkpoint has other settings than it plans instead of taking it for its own."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import poster
@@ -108,6 +108,11 @@ def test_a_variant_is_named_in_one_place(tmp_path):
     assert variants.label(config(["--attn", "encoder", "--sn", "--charbonnier"])) == "attention in encoder +SN +CL"
     lsgan = config(["--gan-loss", "lsgan"])
     assert variants.name(lsgan) == "none-lsgan" and variants.label(lsgan) == "baseline lsgan loss"
+    placed = config(["--attn", "discriminator+encoder", "--sn"])                # one spelling of a placement
+    train.check_config(placed, {})
+    assert variants.name(placed) == "encoder+discriminator-sn" and placed["out"] == "runs/encoder+discriminator-sn"
+    assert variants.label(placed) == "attention in encoder+discriminator +SN"
+    assert variants.name(config(["--attn", "generator+encoder"])) == "both"    # the poster's word, as ever
 
     data = str(tmp_path / "data")
     prepare_phantom(data, n_train=2, n_test=1, slices=1, size=(64, 64), seed=0, progress=False)
@@ -116,3 +121,5 @@ def test_a_variant_is_named_in_one_place(tmp_path):
     study.same_run(folder, study.dry_run(tiny))                              # the run it plans: reused
     with pytest.raises(study.UserError, match=r"gan_loss: 'bce', not 'lsgan'.*move it away or pass another --out"):
         study.same_run(folder, study.dry_run([*tiny, "--gan-loss", "lsgan"]))
+    with pytest.raises(study.UserError, match=r"attn: 'none', not 'discriminator'"):
+        study.same_run(folder, study.dry_run([*tiny, "--attn", "discriminator"]))

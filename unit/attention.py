@@ -67,8 +67,12 @@ def attention_weights(model, points, size):
 
         with attention_weights(model, [(r, c), ...], (H, W)) as maps:
             model.translate(x, "a")
-        maps: [{"layer": "enc_a.attn", "gamma": float, "grid": (h, w), "queries": [(r_l, c_l), ...],
+        maps: [{"layer": "enc_a.net.9", "gamma": float, "grid": (h, w), "queries": [(r_l, c_l), ...],
                 "beta": (B, Q, h, w) float32 tensor on the CPU}, ...] in the order the layers ran.
+
+    "layer" is the block's name in model.named_modules(); unit.model.PLACE_OF names its place from the first
+    part (enc_a -> "encoder T1w"). A translation runs the source encoder's and the target generator's
+    blocks; a discriminator's run only when the discriminator does (evaluate.py --attention-maps runs it).
 
     points are (row, col) pixels of the (H, W) input image; each is mapped to the cell of the
     layer's own h x w grid that covers it (r_l = r * h // H), the query whose weights are recorded.

@@ -130,7 +130,9 @@ def attention_figure(path, image, maps, points, title):
     """Where each query point attends: one row per attention layer (label: layer, grid, gamma), first
     column the input with every query marked, then per query the input with that query's weights beta
     (nearest-upsampled from the layer's grid, scaled to their maximum) blended on top and the query
-    marked. maps: attention_weights() records for one image (beta (Q, h, w)); points: (row, col) pixels."""
+    marked. maps: attention_weights() records for one image (beta (Q, h, w)), each drawn over its own
+    "image" when it has one (a discriminator's: the translation it judged), else over `image`;
+    points: (row, col) pixels."""
     H, W = image.shape
     s = scale_for((H, W))
     sheet = Sheet(len(maps), len(points) + 1, (H * s, W * s), label_w=150, title_h=38, footer_h=40)
@@ -148,12 +150,15 @@ def attention_figure(path, image, maps, points, title):
 
     for i, m in enumerate(maps):
         h, w = m["grid"]
+        under = np.asarray(m.get("image", image))
         sheet.label(i, f"{m['layer']}\n{h}x{w} grid\ngamma {m['gamma']:+.4f}")
-        sheet.put(i, 0, gray(image))
+        sheet.put(i, 0, gray(under))
+        # pixel (r, c) lies in grid cell (r * h // H, c * w // W), the rule attention_weights() maps queries by
+        # (exact blocks of H/h x W/w when they divide; a discriminator's grid is ceil(H/8) x ceil(W/8))
+        rows, cols = np.arange(H) * h // H, np.arange(W) * w // W
         for j, (r, c) in enumerate(points):
-            beta = np.asarray(m["beta"][j], np.float64)
-            up = np.kron(beta, np.ones((H // h, W // w)))     # each grid cell covers (H/h) x (W/w) pixels
-            sheet.put(i, j + 1, overlay(image, up))
+            up = np.asarray(m["beta"][j], np.float64)[rows][:, cols]
+            sheet.put(i, j + 1, overlay(under, up))
             mark(i, j + 1, r, c, j + 1)
             mark(i, 0, r, c, j + 1)
     sheet.colorbar("attention weight beta of the marked query, scaled to its maximum", "0", "max")

@@ -8,8 +8,14 @@ Shapes at 304x256 (H x W), width w=64, one image:
   Generator z -> shared ResBlock -> 3 ResBlocks (512) -> dconv3/2 (256, 152x128) [-> SelfAttention(256),
            N = 19456] -> dconv3/2 (128, 304x256) -> dconv1 (ch) -> tanh
            (--upsample resize: each dconv3/2 becomes nearest x2 + conv3, same channels)
-  Discriminator x -> 5 x conv3/2 (64..1024, 10x8) -> conv2 (1) -> logits (1, 1, 9, 7)
+  Discriminator x -> conv3/2 (64, 152x128) -> conv3/2 (128, 76x64) -> conv3/2 (256, 38x32)
+           [-> SelfAttention(256), N = 1216] -> conv3/2 (512, 19x16) -> conv3/2 (1024, 10x8)
+           -> conv2 (1) -> logits (1, 1, 9, 7)
+
+Where the attention blocks go is --attn: places joined by '+' (attn_places() reads it).
 """
+import argparse
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -17,8 +23,40 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 
 from unit.attention import SelfAttention
 
-ATTN_CHOICES = ("none", "encoder", "generator", "both")
+PLACES = ("encoder", "generator", "discriminator")      # where a SelfAttention can go (in both domains' copies)
 UPSAMPLE_CHOICES = ("deconv", "resize")
+# each submodule of a UNIT that may hold attention: its place and the domain whose images it sees
+PLACE_OF = {"enc_a": "encoder T1w", "enc_b": "encoder T2w", "gen_a": "generator T1w", "gen_b": "generator T2w",
+            "dis_a": "discriminator T1w", "dis_b": "discriminator T2w"}
+
+
+def attn_places(attn):
+    """The places of an --attn value, in PLACES order: 'discriminator+encoder' -> ('encoder', 'discriminator'),
+    'none' -> (), 'both' (the poster's word) -> ('encoder', 'generator'). ValueError on anything else."""
+    if attn == "none":
+        return ()
+    if attn == "both":
+        return ("encoder", "generator")
+    parts = str(attn).split("+")
+    if any(p not in PLACES for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"attn {attn!r}: expected none, both, or places from {', '.join(PLACES)} joined by '+', "
+                         f"each once (e.g. encoder+discriminator)")
+    return tuple(p for p in PLACES if p in parts)
+
+
+def attn_name(attn):
+    """The one spelling of a placement, as configs, run folders and checkpoints record it: the places in PLACES
+    order, 'both' for encoder+generator (the poster's word, and what checkpoints of it have always said)."""
+    places = attn_places(attn)
+    return "both" if places == ("encoder", "generator") else "+".join(places) or "none"
+
+
+def attn_arg(text):
+    """attn_name() as argparse's type= (train.py --attn, bench.py --attn): its error said as is."""
+    try:
+        return attn_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def lrelu():
@@ -87,13 +125,17 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """PatchGAN-style: image -> (B, 1, h, w) logits. The sigmoid lives in the BCE-with-logits loss."""
+    """PatchGAN-style: image -> (B, 1, h, w) logits (the GAN loss turns them into probabilities or
+    margins). With attn, a SelfAttention after the third conv (on the H/8 x W/8 grid: N = 1216 positions
+    at 304x256), as SAGAN puts attention in its discriminator as well as its generator (--attn discriminator)."""
 
-    def __init__(self, channels, w):
+    def __init__(self, channels, w, attn=False):
         super().__init__()
         layers, cin = [], channels
-        for cout in (w, 2 * w, 4 * w, 8 * w, 16 * w):
+        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w, 16 * w)):
             layers += [nn.Conv2d(cin, cout, 3, 2, 1), lrelu()]
+            if attn and i == 2:
+                layers.append(SelfAttention(cout))
             cin = cout
         layers.append(nn.Conv2d(cin, 1, 2, 1, 0))
         self.net = nn.Sequential(*layers)
@@ -133,15 +175,14 @@ class UNIT(nn.Module):
 
     def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv"):
         super().__init__()
-        if attn not in ATTN_CHOICES:
-            raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
-        w, ea, ga = width, attn in ("encoder", "both"), attn in ("generator", "both")
+        places = attn_places(attn)
+        w, ea, ga, da = width, "encoder" in places, "generator" in places, "discriminator" in places
         self.width = width
         self.enc_a, self.enc_b = Encoder(channels, w, ea), Encoder(channels, w, ea)
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
         self.gen_a, self.gen_b = Generator(channels, w, ga, upsample), Generator(channels, w, ga, upsample)
-        self.dis_a, self.dis_b = Discriminator(channels, w), Discriminator(channels, w)
+        self.dis_a, self.dis_b = Discriminator(channels, w, da), Discriminator(channels, w, da)
         if sn:
             apply_spectral_norm(self)
 
