@@ -38,8 +38,9 @@ the CUDA build for this GPU, the fused op's self-check, the CUDA tests of
 tests/test_attention_op.py, compute-sanitizer memcheck, racecheck and synccheck on a small case,
 `attention` at the UNIT shapes (B = 8, fp32 and bf16), 50 train.py steps of the poster's
 configuration (304x256, width 64, batch 8) with --attn encoder, generator and discriminator on the
-fused op and on SDPA, and `train` (fp32 vs bf16 vs compile) with --attn encoder. Without a GPU it runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check,
-the CPU bench, a few CPU-preset steps) and lists what it could not run.
+fused op and on SDPA, and `train` (fp32 vs bf16 vs compile) with --attn encoder. Without a GPU it
+runs the CPU stand-ins (the emulated CUDA tests, the CPU self-check, the CPU bench, a few CPU-preset
+steps) and lists what it could not run.
 """
 
 import argparse

@@ -22,9 +22,10 @@ interval resampling test *subjects* (their slices are not independent), 2000 res
 checkpoint's translation with its SSIM and the real target in both directions, with the absolute
 error under each translation on a fixed colour scale. --attention-maps draws, for one test slice and
 a few query points, the attention weights of every self-attention layer the translation runs through
-(and the target discriminator's, judging the translation), and lists each layer's learned gamma. --spectra draws, per direction, where the real targets and each
-checkpoint's translations put their energy in frequency (mean over the test slices), the picture of
-the Checkerboard column (unit/figures.py draws all three, with Pillow).
+(and the target discriminator's, judging the translation), and lists each layer's learned gamma.
+--spectra draws, per direction, where the real targets and each checkpoint's translations put their
+energy in frequency (mean over the test slices), the picture of the Checkerboard column
+(unit/figures.py draws all three, with Pillow).
 
 With --volumes, every test subject of a NIfTI source tree (data/README.md) is translated whole,
 slice by slice, and written back as DIR/<subject>_t1_to_t2.nii.gz and _t2_to_t1.nii.gz on the

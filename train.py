@@ -17,7 +17,8 @@ Under torchrun each process trains on its own GPU (NCCL; gloo on the CPU) with i
 is nproc x --batch-size. Only rank 0 logs, evaluates, writes sample grids and checkpoints.
 
 A run folder has one owner: the run holds a lock on it (RUN/.lock) for its lifetime, and a new run
-into a folder that holds another run's checkpoints is refused unless --overwrite. A write that
+into a folder that holds another run's checkpoints (or the log of one that saved none) is refused
+unless --overwrite. A write that
 fails (disk full, read-only) stops the run with one sentence; the last good checkpoint stays.
 """
 import argparse
@@ -255,8 +256,8 @@ RUN_FILES = ("ckpt.pt", "ckpt_e*.pt", "metrics.jsonl", "samples_e*.png", "config
 def claim_run_folder(out, resume=None, overwrite=False):
     """Make the run folder, lock it for this process's lifetime (unit.io.lock_folder; a second writer is
     refused) and check that this run may write there: a new run into a folder that holds another run's
-    checkpoints is refused unless overwrite, and so is a resumed one into a folder that holds checkpoints
-    other than its own or a later ckpt.pt. overwrite deletes the earlier run's RUN_FILES (never the
+    checkpoints, or the log of a run that saved none, is refused unless overwrite, and so is a resumed one
+    into a folder that holds checkpoints other than its own or a later ckpt.pt. overwrite deletes the earlier run's RUN_FILES (never the
     checkpoint resumed from). Returns the lock (unit.io.release)."""
     try:
         os.makedirs(out, exist_ok=True)
@@ -269,10 +270,18 @@ def claim_run_folder(out, resume=None, overwrite=False):
         latest = os.path.join(out, "ckpt.pt")
         ckpts = ([latest] if os.path.isfile(latest) else []) + ckpts
         others = [c for c in ckpts if not (resume and same(c, resume))]
-        if not others:
-            return lock
+        own = resume and same(os.path.dirname(os.path.abspath(resume)), out)
         step = lambda path: checkpoint.load(path)["step"]
-        if resume and same(os.path.dirname(os.path.abspath(resume)), out):
+        if not others:
+            # no checkpoint, but the log or sample grids of a run that stopped before its first save: this run's
+            # lines would be appended to that run's, so it is refused like a checkpoint (nothing replaced unasked)
+            left = [] if own else sorted(f for pat in ("metrics.jsonl", "samples_e*.png")
+                                         for f in glob.glob(os.path.join(out, pat)) if os.path.getsize(f) > 0)
+            if not left:
+                return lock
+            why = (f"it holds {', '.join(os.path.basename(f) for f in left)} of a run that saved no checkpoint; "
+                   f"pass another --out")
+        elif own:
             # continuing in its own folder: fine unless that would replace a later ckpt.pt
             if not os.path.isfile(latest) or same(latest, resume) or step(latest) <= step(resume):
                 return lock

@@ -109,6 +109,29 @@ def test_resume_of_a_copy_continues_in_the_copy(trained, tmp_path):
     assert snapshot(src) == before and checkpoint.load(str(src / "ckpt.pt"))["step"] == 6
 
 
+def test_the_log_of_a_run_that_saved_no_checkpoint_is_not_appended_to(data, trained, tmp_path):
+    """A run killed before its first save leaves config.json and metrics.jsonl but no checkpoint: a new run there
+    would add its lines to that log, so it is refused like a trained folder; a folder with only a config.json (a
+    run that stopped before its first step) is taken over."""
+    out = tmp_path / "run"
+    os.makedirs(out)
+    for f in ("config.json", "metrics.jsonl"):
+        shutil.copyfile(trained / f, out / f)
+    before = snapshot(out)
+    r = train_py("--data", data, "--out", str(out), *TINY, "--max-steps", "3", "--save-epochs", "0")
+    assert one_sentence(r, 2) == (f"run folder {out} is taken: it holds metrics.jsonl of a run that saved no "
+                                  f"checkpoint; pass another --out, or pass --overwrite to delete its checkpoints, "
+                                  f"metrics.jsonl and sample grids")
+    assert snapshot(out) == before
+    r = train_py("--data", data, "--out", str(out), *TINY, "--max-steps", "3", "--save-epochs", "0", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert steps(out) == [1, 2, 3]
+    os.remove(out / "metrics.jsonl"), os.remove(out / "ckpt.pt")                # only config.json is left
+    r = train_py("--data", data, "--out", str(out), *TINY, "--max-steps", "2", "--save-epochs", "0")
+    assert r.returncode == 0, r.stderr
+    assert steps(out) == [1, 2]
+
+
 def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_one_leaves_no_lock(data, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--out", str(out), *TINY,
@@ -127,7 +150,8 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_one_leaves_no_
     assert json.load(open(out / "config.json"))["seed"] == 0      # the refused run wrote nothing
     lines = steps(out)
     assert lines == list(range(1, len(lines) + 1))                # one writer's lines, none interleaved
-    # the killed run's lock went with it: the folder can be used at once
+    # the killed run's lock went with it: the folder can be used at once (--overwrite: whether the killed run got
+    # to log a step or save its first checkpoint depends on timing)
     r = train_py("--data", data, "--out", str(out), *TINY, "--max-steps", "3", "--save-epochs", "0", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl"]
