@@ -88,9 +88,10 @@ def test_latent_noise_only_in_training():
 
 
 def test_spectral_norm_on_every_conv():
-    model = UNIT(width=4, attn="both", sn=True)
+    model = UNIT(width=4, attn="encoder+generator+discriminator", sn=True)
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     assert convs and all(hasattr(m, "parametrizations") for m in convs)
+    assert hasattr(model.dis_b.net[6].f, "parametrizations")      # the discriminator's attention 1x1s too
     # after some power iterations the largest singular value of a weight is ~1
     conv = model.dis_a.net[0]
     for _ in range(30):
