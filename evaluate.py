@@ -263,11 +263,11 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
     the query points and every attention layer's gamma. Each direction runs the translation and then
     the target domain's discriminator on it (the judgement the generator is trained against), so every
     placement of --attn is drawn: the source encoder, the target generator, the target discriminator.
-    Layers are found by type (SelfAttention) and named by their place (unit.model.PLACE_OF)."""
+    Layers are found by type (SelfAttention) and named by their place (unit.model.place_of)."""
     from unit.attention import SelfAttention, attention_weights
     from unit.evaluation import from_model
     from unit.figures import attention_figure
-    from unit.model import PLACE_OF
+    from unit.model import place_of
     layers = {n: m.gamma.item() for n, m in model.named_modules() if isinstance(m, SelfAttention)}
     if not layers:
         raise UserError(f"--attention-maps: this checkpoint has no self-attention (attn={cfg['attn']}); train "
@@ -292,7 +292,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
         out = from_model(y)[0].cpu().numpy()
         for m in maps:
             m["beta"] = m["beta"][0]                    # the one image of the batch: (Q, h, w)
-            place = PLACE_OF[m["layer"].split(".")[0]]
+            place = place_of(m["layer"])
             record["layers"].setdefault(name, []).append({"layer": m["layer"], "place": place, "grid": list(m["grid"]),
                                                           "queries": [list(q) for q in m["queries"]]})
             drawn.add(m["layer"])
@@ -309,7 +309,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
                         f"its discriminator; draw_attention_maps() needs to run the part that holds them")
     write_text(os.path.join(out_dir, "attention.json"), json.dumps(record, indent=2))
     print("learned gamma (y = gamma * attention + x; 0 = attention unused): " +
-          ", ".join(f"{PLACE_OF[n.split('.')[0]]} {g:+.4f}" for n, g in layers.items()))
+          ", ".join(f"{place_of(n)} {g:+.4f}" for n, g in layers.items()))
 
 
 def compare_table(rows, subjects, n_boot, cols=COLUMNS):

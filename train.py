@@ -18,8 +18,8 @@ is nproc x --batch-size. Only rank 0 logs, evaluates, writes sample grids and ch
 
 A run folder has one owner: the run holds a lock on it (RUN/.lock) for its lifetime, and a new run
 into a folder that holds another run's checkpoints (or the log of one that saved none) is refused
-unless --overwrite. A write that
-fails (disk full, read-only) stops the run with one sentence; the last good checkpoint stays.
+unless --overwrite. A write that fails (disk full, read-only) stops the run with one sentence; the
+last good checkpoint stays.
 """
 import argparse
 import dataclasses
@@ -257,8 +257,8 @@ def claim_run_folder(out, resume=None, overwrite=False):
     """Make the run folder, lock it for this process's lifetime (unit.io.lock_folder; a second writer is
     refused) and check that this run may write there: a new run into a folder that holds another run's
     checkpoints, or the log of a run that saved none, is refused unless overwrite, and so is a resumed one
-    into a folder that holds checkpoints other than its own or a later ckpt.pt. overwrite deletes the earlier run's RUN_FILES (never the
-    checkpoint resumed from). Returns the lock (unit.io.release)."""
+    into a folder that holds checkpoints other than its own or a later ckpt.pt. overwrite deletes the
+    earlier run's RUN_FILES (never the checkpoint resumed from). Returns the lock (unit.io.release)."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = lock_folder(out)

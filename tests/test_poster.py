@@ -90,8 +90,7 @@ def test_table_epochs_scale_the_posters(epochs, want):
 def test_a_variant_is_named_in_one_place(tmp_path):
     """unit/variants.py names each of the poster's variants as its key (train.py's default --out) and labels it;
     a setting that changes the objective (--gan-loss) or the attention's places gets another folder; a study
-    refuses a run folder whose
-    checkpoint has other settings than it plans instead of taking it for its own."""
+    refuses a run folder whose checkpoint has other settings than it plans instead of taking it for its own."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import poster
     import study

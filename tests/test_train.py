@@ -208,8 +208,7 @@ def test_amp_bf16_trains_like_fp32(tiny_data, tmp_path):
     for amp in ("fp32", "bf16"):
         out = tmp_path / amp
         r = run("train.py", "--data", tiny_data, "--out", str(out), *TINY, "--sn", "--attn", "encoder+discriminator",
-                "--amp", amp,
-                "--max-steps", "40", "--epochs", "100", "--eval-every", "100", "--log-every", "10",
+                "--amp", amp, "--max-steps", "40", "--epochs", "100", "--eval-every", "100", "--log-every", "10",
                 env={"UNIT_ATTN": "auto"})
         assert r.returncode == 0, r.stderr
         runs[amp] = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -70,7 +70,7 @@ def attention_weights(model, points, size):
         maps: [{"layer": "enc_a.net.9", "gamma": float, "grid": (h, w), "queries": [(r_l, c_l), ...],
                 "beta": (B, Q, h, w) float32 tensor on the CPU}, ...] in the order the layers ran.
 
-    "layer" is the block's name in model.named_modules(); unit.model.PLACE_OF names its place from the first
+    "layer" is the block's name in model.named_modules(); unit.model.place_of names its place from the first
     part (enc_a -> "encoder T1w"). A translation runs the source encoder's and the target generator's
     blocks; a discriminator's run only when the discriminator does (evaluate.py --attention-maps runs it).
 

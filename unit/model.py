@@ -30,6 +30,11 @@ PLACE_OF = {"enc_a": "encoder T1w", "enc_b": "encoder T2w", "gen_a": "generator 
             "dis_a": "discriminator T1w", "dis_b": "discriminator T2w"}
 
 
+def place_of(layer):
+    """The place of a UNIT layer from its name in named_modules(): 'dis_b.net.6' -> 'discriminator T2w'."""
+    return PLACE_OF[layer.split(".")[0]]
+
+
 def attn_places(attn):
     """The places of an --attn value, in PLACES order: 'discriminator+encoder' -> ('encoder', 'discriminator'),
     'none' -> (), 'both' (the poster's word) -> ('encoder', 'generator'). ValueError on anything else."""

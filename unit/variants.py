@@ -22,15 +22,16 @@ PARTS = [
 
 
 def _changed(cfg):
-    return [(key, cfg[key], word, words) for key, default, word, words in PARTS if cfg[key] != default]
+    """(value, word, words) of each PARTS setting that differs from its default, in PARTS order."""
+    return [(cfg[key], word, words) for key, default, word, words in PARTS if cfg[key] != default]
 
 
 def name(cfg):
     """The run-folder name: the attention placement, then a word for each setting that differs from the default."""
-    return "-".join([cfg["attn"]] + [word or str(v) for _, v, word, _ in _changed(cfg)])
+    return "-".join([cfg["attn"]] + [word or str(v) for v, word, _ in _changed(cfg)])
 
 
 def label(cfg):
     """The variant in the poster's words, for tables."""
     head = "baseline" if cfg["attn"] == "none" else f"attention in {cfg['attn']}"
-    return " ".join([head] + [words or f"{v} loss" for _, v, _, words in _changed(cfg)])
+    return " ".join([head] + [words or f"{v} loss" for v, _, words in _changed(cfg)])
