@@ -414,8 +414,8 @@ def main(argv=None):
             data_path = args.data or cfg["data"]
             data = load_prepared(data_path)
             if not len(data.test_t1) and not args.volumes:
-                raise UserError(f"{data_path} has no test slices (its split lists no test subject); score on a "
-                                f"dataset with a test split")
+                raise UserError(f"{data_path} has no test slices (its split lists no test subject); pass --data "
+                                f"with a prepared dataset that has one (the same slice size and spacing)")
             if args.data and os.path.abspath(args.data) != os.path.abspath(cfg["data"]):
                 print(f"scoring on {args.data}, not on the training data {cfg['data']}: its test split "
                       f"({len(data.meta['test_subjects'])} subjects)", flush=True)

@@ -20,6 +20,11 @@ A run folder has one owner: the run holds a lock on it (RUN/.lock) for its lifet
 into a folder that holds another run's checkpoints (or the log of one that saved none) is refused
 unless --overwrite. A write that fails (disk full, read-only) stops the run with one sentence; the
 last good checkpoint stays.
+
+A crash costs at most the steps since the last save: ckpt.pt is written at every epoch end (before
+that epoch's evaluation and sample grid, whose exceptions are reported and survived) and every
+--save-minutes; a signal or an unexpected exception saves the last finished step (emergency_save), a
+NaN/Inf loss stops the run without saving (Diverged). docs/training.md#what-a-crash-costs.
 """
 import argparse
 import dataclasses
@@ -97,6 +102,8 @@ class Config:
     # bookkeeping
     save_epochs: str = opt("1,25,50,75,100", "epochs after which to keep a checkpoint ckpt_eNNN.pt "
                                              "(ckpt.pt, the latest, is rewritten at every save)")
+    save_minutes: float = opt(30.0, "also write ckpt.pt every this many minutes, so a crash costs at most that "
+                                    "much training (0 = at epoch ends only)")
     eval_every: int = opt(1, "epochs between SSIM evaluations on the test split (0 = never)")
     eval_limit: int = opt(0, "evaluate on the first N test slices only during training (0 = all)")
     log_every: int = opt(50, "steps between loss lines in metrics.jsonl (the losses are read from the device "
@@ -114,9 +121,9 @@ class Config:
 #   phantom's settings), both rates falling linearly to 0 over the second half (CycleGAN's schedule: the last
 #   checkpoint varied less between seeds), 3300 steps (21-25 min at 2.2-2.6 it/s), and a time guard that ends
 #   a slower machine's run at 28 minutes, so a run takes at most ~30.
-CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2)
+CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2, save_minutes=10.0)
 CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize",
-                        max_steps=3300, max_minutes=28.0, eval_every=1)
+                        max_steps=3300, max_minutes=28.0, eval_every=1, save_minutes=10.0)
 
 def data_source(path):
     """meta.json's "source" of a prepared dataset ("phantom", "brats", ...), or None when it cannot be read
@@ -128,7 +135,7 @@ def data_source(path):
         return None
 
 
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_minutes", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
 
 
 def parse_args(argv=None):
@@ -351,15 +358,18 @@ def latent_noise(gen, seed, step, draw, shape, rank):
 
 def sample_grid(model, data, cfg, path, n=4):
     """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for n test slices (model in eval mode): the slice with
-    the most brain of n test subjects drawn with seed 0, the same at every epoch so grids compare."""
+    the most brain of n test subjects drawn with seed 0, the same at every epoch so grids compare. A dataset
+    without a test split shows training slices, chosen the same way."""
     from PIL import Image
-    idx = figure_slices(data, len(data.test_t1), k=n, seed=0)
-    idx_b = [i % len(data.test_t2) for i in idx]            # unpaired data may have fewer T2 slices
+    split = "test" if len(data.test_t1) else "train"
+    t1, t2 = getattr(data, f"{split}_t1"), getattr(data, f"{split}_t2")
+    idx = figure_slices(data, len(t1), k=n, seed=0, split=split)
+    idx_b = [i % len(t2) for i in idx]                      # unpaired data may have fewer T2 slices
     was = model.training
     model.eval()
     with torch.no_grad():
         dev, ch = next(model.parameters()).device, cfg["channels"]
-        x_a, x_b = to_model(data.test_t1[idx], ch, dev), to_model(data.test_t2[idx_b], ch, dev)
+        x_a, x_b = to_model(t1[idx], ch, dev), to_model(t2[idx_b], ch, dev)
         x_ab, x_ba = model.translate(x_a, "a"), model.translate(x_b, "b")
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
         grid = torch.cat([torch.cat(list(from_model(r)), dim=1) for r in rows], dim=0)
@@ -497,10 +507,15 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     if cfg["attn"] != "none":
         from unit.backends import describe
         say(f"self-attention ({cfg['attn']}): {describe()}")
+    scored = data.paired and len(data.test_t1) > 0        # the per-epoch evaluation needs paired test slices
     if cfg["eval_every"] and not data.paired:
         say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "
             f"(translated slices have no pixel-aligned ground truth, as evaluate.py says); sample grids are still "
             f"written and show unpaired test slices")
+    elif cfg["eval_every"] and not scored:
+        say(f"note: {cfg['data']} has no test slices (its split lists no test subject), so the per-epoch evaluation "
+            f"is skipped; sample grids show training slices, and evaluate.py --data DIR scores the checkpoints on a "
+            f"dataset with a test split")
 
     orders = {}
     def fetch(step):
@@ -523,13 +538,59 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         stop["signal"] = signum
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     log = Appender(os.path.join(out, "metrics.jsonl")) if lead else None
+    latest = os.path.join(out, "ckpt.pt")
     saved = ckpt["step"] if ckpt else None               # step of the last checkpoint written (or resumed from)
     progress = Progress(total, "step", start=step, enabled=lead, every_s=30)
     last_metrics, t_start = (ckpt or {}).get("metrics"), time.time()
     seconds0 = (ckpt or {}).get("seconds") or 0.0         # training time of the run before this process
+    last_save = t_start
     bad = torch.zeros((), dtype=torch.long, device=dev)   # first step with a non-finite loss, 0 = none yet
+    bad_losses = torch.zeros(len(LOSS_NAMES), device=dev) # the losses of that step
+    adam0 = (adam_steps(opt_g) - step, adam_steps(opt_d) - step)   # so that adam_steps() - adam0 == step between steps
+    refs = None
+
+    def last_good():
+        return (f"the last checkpoint is {latest} at step {saved}" if saved is not None and os.path.isfile(latest)
+                else "this run saved no checkpoint")
+
+    def save(why, epoch=None, finished=False):
+        """ckpt.pt of the state after `step` (unit/checkpoint.py's atomic write); never one of NaN/Inf weights."""
+        nonlocal saved, last_save
+        if not finite_weights(model):
+            raise Diverged(f"the weights hold NaN/Inf after step {step} although no logged loss did; stopped without "
+                           f"saving them, so {last_good()}; try a lower --lr or --sn")
+        checkpoint.save(latest, model, opt_g, opt_d, cfg, step // steps_per_epoch if epoch is None else epoch, step,
+                        last_metrics, seconds=seconds0 + time.time() - t_start, finished=finished, saved_by=why)
+        saved, last_save = step, time.time()
+
+    def end_of_epoch(e):
+        """After the epoch's checkpoint is written: the evaluation (if due) and the sample grid. Either may fail
+        (a bug, bad data, out of memory) without costing a step: one line, a line in metrics.jsonl, and on."""
+        nonlocal last_metrics
+        due = cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total)
+        if not due:
+            return
+        if scored:
+            def score():
+                nonlocal refs
+                refs = refs or reference_scores(data, cfg["eval_limit"] or None)   # the data's: computed once
+                return evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs)[0]
+            res = survive("the evaluation", score, step, log, progress)
+            if res is not None:
+                last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
+                                **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
+                                **{f"identity_{k}": res["identity"]["T1"][k] for k in ("ssim", "ssim_mask")
+                                   if k in res["identity"]["T1"]}}
+                log.write(json.dumps(last_metrics) + "\n")
+                progress.close()
+                scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity']['T1'][k]:.4f})"
+                brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
+                print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
+        survive("the sample grid", lambda: sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png")),
+                step, log, progress)
+
     model.train()
-    status, stopped, note, refs = 0, False, None, None
+    status, stopped, note = 0, False, None
     try:
         batch = fetch(step) if step < total else None
         while step < total:
@@ -540,30 +601,31 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             set_lr(opt_g, opt_d, cfg, lr_factor(step, total, cfg["lr_decay"]))
             losses = train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg)
             step += 1
-            bad = torch.where((bad == 0) & ~torch.isfinite(losses).all(), step, bad)
+            first = (bad == 0) & ~torch.isfinite(losses).all()
+            bad, bad_losses = torch.where(first, step, bad), torch.where(first, losses, bad_losses)
             if step < total:
                 batch = fetch(step)                     # read and copy the next batch while the GPU works
 
             stopping = stop["signal"] is not None
             late = bool(cfg["max_minutes"]) and seconds0 + time.time() - t_start >= 60 * cfg["max_minutes"]
+            timely = bool(cfg["save_minutes"]) and time.time() - last_save >= 60 * cfg["save_minutes"]
             if world > 1:                               # a signal on any rank stops all of them, at the same step
-                flag = torch.tensor([int(stopping), int(late)])
+                flag = torch.tensor([int(stopping), int(late), int(timely)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctl)
-                stopping, late = bool(flag[0].item()), bool(flag[1].item())
+                stopping, late, timely = (bool(f) for f in flag.tolist())
             if late and step < total:                   # the time is up: this step is the run's last
                 if lead:
                     progress.write(f"--max-minutes {cfg['max_minutes']:g}: the time is up at step {step} of {total}; "
                                    f"ending the run here")
                 total = progress.total = step
             epoch_end = step % steps_per_epoch == 0 or step == total
-            if step % cfg["log_every"] == 0 or epoch_end or stopping:   # the only host syncs of the loop
+            if step % cfg["log_every"] == 0 or epoch_end or stopping or timely:   # the only host syncs of the loop
                 if world > 1:
                     dist.all_reduce(losses)             # the mean over all ranks' batches
                     losses /= world
                     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                if bad.item():
-                    raise RuntimeError(f"non-finite loss at step {bad.item()} (losses now: "
-                                       f"{dict(zip(LOSS_NAMES, losses.tolist()))}); try a lower --lr or --sn")
+                if bad.item():                          # before any save: a NaN state never replaces a good one
+                    raise Diverged(non_finite(bad.item(), bad_losses, last_good()))
                 vals = dict(zip(LOSS_NAMES, losses.tolist()))
                 note = f"epoch {math.ceil(step / steps_per_epoch)}/{cfg['epochs']} " + \
                     " ".join(f"{k} {v:.3f}" for k, v in vals.items())
@@ -575,50 +637,40 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             if stopping and step < total:
                 stopped = True
                 break
-
-            if epoch_end and lead:                      # end of an epoch (or of the run): rank 0 writes
+            if lead and epoch_end:                      # end of an epoch (or of the run): save first, then the rest
                 e = math.ceil(step / steps_per_epoch)
-                due = cfg["eval_every"] and (e % cfg["eval_every"] == 0 or step == total)
-                if due and not data.paired:             # no scores on unpaired data (said at the start)
-                    sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
-                elif due:
-                    refs = refs or reference_scores(data, cfg["eval_limit"] or None)   # the data's: computed once
-                    res, _ = evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs)
-                    last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
-                                    **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
-                                    **{f"identity_{k}": res["identity"]["T1"][k] for k in ("ssim", "ssim_mask")
-                                       if k in res["identity"]["T1"]}}
-                    log.write(json.dumps(last_metrics) + "\n")
-                    progress.close()
-                    scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity']['T1'][k]:.4f})"
-                    brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
-                    print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
-                    sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"))
-                latest = os.path.join(out, "ckpt.pt")
-                checkpoint.save(latest, model, opt_g, opt_d, cfg, e, step, last_metrics,
-                                seconds=seconds0 + time.time() - t_start, finished=step == total)
-                saved = step
+                save("end of run" if step == total else "end of epoch", epoch=e, finished=step == total)
                 if e in save_epochs and step % steps_per_epoch == 0:      # keep a copy, serialised once
                     copy_file(latest, os.path.join(out, f"ckpt_e{e:03d}.pt"))
+                end_of_epoch(e)
+            elif lead and timely:                       # --save-minutes: a crash costs at most that much
+                save(f"--save-minutes {cfg['save_minutes']:g}")
         if stopped:                                     # by a signal, here or on another rank
+            how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
             if lead:
-                checkpoint.save(os.path.join(out, "ckpt.pt"), model, opt_g, opt_d, cfg, step // steps_per_epoch,
-                                step, last_metrics, seconds=seconds0 + time.time() - t_start)
-                saved = step
+                save(f"signal ({how})")
                 progress.close()
-                how = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
-                print(f"interrupted ({how}) at step {step}: saved {out}/ckpt.pt; continue with: "
-                      f"{'torchrun --nproc_per_node=' + str(world) if world > 1 else 'python'} train.py "
-                      f"--resume {out}/ckpt.pt")
+                print(f"interrupted ({how}) at step {step}: saved {latest}; continue with: {resume_command(latest, world)}")
             # 130 (interrupted) for a plain run; under torchrun 0, as torchrun takes any other status for a
             # crash of that rank and kills the others, possibly before they have left the barrier below
             status = 130 if world == 1 else 0
         if world > 1:
             dist.barrier(group=ctl)                     # no rank leaves before rank 0 has written
     except WriteError as e:                             # disk full, read-only: stop now, not train on unsaved
-        last = (f"the last checkpoint is {out}/ckpt.pt at step {saved}" if saved is not None and
-                os.path.isfile(os.path.join(out, "ckpt.pt")) else "this run saved no checkpoint")
-        raise WriteError(f"{e}; training stopped at step {step} and {last}") from None
+        raise WriteError(f"{e}; training stopped at step {step} and {last_good()}") from None
+    except Diverged:
+        raise
+    except Exception as e:                              # a bug, bad data, out of memory: keep what was trained
+        if lead:
+            progress.close()
+            clean = (adam_steps(opt_g) - adam0[0], adam_steps(opt_d) - adam0[1]) == (step, step)
+            try:
+                clean = clean and not bad.item()        # a NaN loss not yet read: that state is not saved either
+            except Exception:                           # the device itself failed (a CUDA error)
+                clean = False
+            print("error: " + emergency_save(e, step, saved, clean, lambda: save(f"error ({type(e).__name__})"),
+                                            latest, last_good, world), file=sys.stderr, flush=True)
+        raise
     finally:
         progress.close()
         if log:
@@ -626,9 +678,74 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         for sig, h in old.items():
             signal.signal(sig, h)
     if not stopped:
-        say(f"done: {step} steps in {time.time() - t_start:.0f} s; checkpoint {out}/ckpt.pt; "
-            f"evaluate with: python evaluate.py {out}/ckpt.pt")
+        say(f"done: {step} steps in {time.time() - t_start:.0f} s; checkpoint {latest}; "
+            f"evaluate with: python evaluate.py {latest}" +
+            ("" if scored else " --data DIR (a prepared dataset with a test split)"))
     return model, status
+
+
+class Diverged(UserError):
+    """A loss (or the weights) became NaN or Inf: the run stops with one sentence and saves nothing, so the last
+    good checkpoint stays."""
+    status = 1
+
+
+def adam_steps(opt):
+    """How many updates an Adam optimiser has made (0 before its first): every parameter's counter agrees."""
+    state = next(iter(opt.state.values()), None)
+    return 0 if state is None else int(state["step"])
+
+
+def finite_weights(model):
+    """Whether every floating-point weight and buffer of the model is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
+                             if t.is_floating_point()]).all())
+
+
+def non_finite(step, losses, last_good):
+    """The sentence of a NaN/Inf loss: which loss(es), at which step, the last good checkpoint."""
+    which = ", ".join(f"{k} = {v}" for k, v in zip(LOSS_NAMES, losses.tolist()) if not math.isfinite(v))
+    return (f"non-finite loss at step {step} ({which}); stopped without saving, so {last_good}; try a lower --lr "
+            f"or --sn")
+
+
+def resume_command(latest, world):
+    return f"{'torchrun --nproc_per_node=' + str(world) if world > 1 else 'python'} train.py --resume {latest}"
+
+
+def survive(what, fn, step, log, progress):
+    """fn() at an epoch's end, after its checkpoint is written: an exception in it (other than a failed write,
+    which stops the run) is reported in one line and in metrics.jsonl, and the run goes on. fn's value, or None."""
+    try:
+        return fn()
+    except WriteError:
+        raise
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+        progress.write(f"warning: {what} failed at step {step} ({why}); the checkpoint of this step is saved and "
+                       f"training goes on")
+        log.write(json.dumps({"kind": "error", "step": step, "in": what, "error": why}) + "\n")
+        return None
+
+
+def emergency_save(e, step, saved, clean, save, latest, last_good, world):
+    """After an unexpected exception in the training loop: save the state of the last finished step when it is one
+    (clean: no optimiser of the unfinished step has updated yet) and return the sentence to print."""
+    why = f"{type(e).__name__}: {e}"
+    if saved == step:
+        return f"{why} after step {step}; {latest} holds that step already; continue with: " \
+               f"{resume_command(latest, world)}"
+    if not clean:
+        return (f"{why} in the middle of step {step + 1}, after an optimiser's update, so that state is not a "
+                f"finished step and is not saved; {last_good()}")
+    if step == 0:
+        return f"{why} before the first step; nothing to save"
+    try:
+        save()
+    except Exception as e2:
+        return f"{why} after step {step}; the emergency checkpoint could not be written ({type(e2).__name__}: " \
+               f"{e2}), so {last_good()}"
+    return f"{why} after step {step}; saved that step to {latest}; continue with: {resume_command(latest, world)}"
 
 
 def main(argv=None):

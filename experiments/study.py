@@ -33,8 +33,8 @@ def dry_run(flags):
 
 
 # settings a study may plan differently from what a run of the same variant recorded: its length, logging, device
-RUN_KEYS = {"out", "seed", "epochs", "save_epochs", "max_steps", "max_minutes", "eval_every", "eval_limit",
-            "log_every", "device", "amp", "world_size", "prep"}
+RUN_KEYS = {"out", "seed", "epochs", "save_epochs", "save_minutes", "max_steps", "max_minutes", "eval_every",
+            "eval_limit", "log_every", "device", "amp", "world_size", "prep"}
 
 
 def same_run(folder, planned):

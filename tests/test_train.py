@@ -318,7 +318,9 @@ def test_max_minutes_ends_the_run_when_the_time_is_up(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--max-minutes 0.0001: the time is up at step 1 of 150; ending the run here" in r.stderr
     ck = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ck["step"] == 1 and ck["finished"] is True and ck["metrics"]["step"] == 1   # evaluated and saved as the end
+    assert ck["step"] == 1 and ck["finished"] is True and ck["saved_by"] == "end of run"   # saved as the end ...
+    evals = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [1]                                            # ... then evaluated
 
 
 def test_learning_rate_decay_follows_the_step_and_resumes_exactly(tiny_data, tmp_path):

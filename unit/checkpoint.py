@@ -2,10 +2,14 @@
 
     {"format": FORMAT, "version": 1, "config": {...plain types...}, "epoch": int, "step": int,
      "model": UNIT state_dict, "opt_g": Adam state, "opt_d": Adam state,
-     "rng": {"torch": ByteTensor, "cuda": [ByteTensor per GPU]}, "metrics": last eval line or None,
-     "seconds": wall time spent training so far (all processes that resumed it), "finished": bool}
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor per GPU]},
+     "metrics": the last evaluation logged before this save, or None (an epoch's checkpoint is written before
+                that epoch's evaluation, whose line is in metrics.jsonl),
+     "seconds": wall time spent training so far (all processes that resumed it), "finished": bool,
+     "saved_by": why it was written: "end of epoch", "end of run", "--save-minutes M", "signal (SIGTERM)",
+                 "error (TypeName)" (an emergency checkpoint of the last finished step)}
 
-("seconds" and "finished" came after the first checkpoints: older files lack them; read with .get.)
+("seconds", "finished" and "saved_by" came after the first checkpoints: older files lack them; read with .get.)
 
 "config" is the resolved training config (train.py's Config as a dict), so that build_model()
 and evaluate.py need nothing else. Files are loaded with torch.load(weights_only=True): no pickled
@@ -27,18 +31,19 @@ VERSION = 1
 # Config keys added after the first version-1 checkpoints, each with the value that reproduces what a run
 # made before it did (which need not be today's default). A new Config field goes here too.
 ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
-              "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None}
+              "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0}
 
 
-def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False):
+def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False, saved_by=None):
     """Write atomically (unit.io.write_file: a temp file next to the target, then a rename): a run
     killed while saving, or a full disk, leaves the previous checkpoint intact (the latter raises
-    unit.io.WriteError). seconds: training wall time so far; finished: the run has taken its last step."""
+    unit.io.WriteError). seconds: training wall time so far; finished: the run has taken its last step;
+    saved_by: why it was written ("end of epoch", "--save-minutes 10", "signal (SIGTERM)", "error (...)")."""
     ckpt = {"format": FORMAT, "version": VERSION, "config": cfg, "epoch": epoch, "step": step,
             "model": model.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "metrics": metrics, "seconds": seconds, "finished": bool(finished)}
+            "metrics": metrics, "seconds": seconds, "finished": bool(finished), "saved_by": saved_by}
     write_file(path, lambda f: torch.save(ckpt, f))
 
 

@@ -157,24 +157,25 @@ def per_slice_checker(x, chunk=256):
     return np.concatenate([checkerboard(x[i:i + chunk]).double().numpy() for i in range(0, len(x), chunk)])
 
 
-def figure_slices(data, n, subjects=None, k=3, seed=0):
-    """Test-slice indices (among the first n) for figures, one per subject: the slice with the most
-    brain (mask area; the middle slice of the subject without masks). subjects: test subject ids;
+def figure_slices(data, n, subjects=None, k=3, seed=0, split="test"):
+    """Slice indices of a split (among its first n) for figures, one per subject: the slice with the most
+    brain (mask area; the middle slice of the subject without masks). subjects: subject ids of that split;
     default k of them drawn with `seed`, so every figure of a data set shows the same ones."""
-    ss = list(data.meta["slice_subject"]["test"][:n])
+    ss = list(data.meta["slice_subject"][split][:n])
+    masks = getattr(data, f"{split}_mask")
     ids = list(dict.fromkeys(ss))
     if subjects:
         unknown = [s for s in subjects if s not in ids]
         if unknown:
-            raise UserError(f"--subjects: {unknown} are not test subjects of {data.path} (e.g. {', '.join(ids[:3])})")
+            raise UserError(f"--subjects: {unknown} are not {split} subjects of {data.path} (e.g. {', '.join(ids[:3])})")
         chosen = list(subjects)
     else:
         chosen = [ids[i] for i in sorted(np.random.default_rng(seed).choice(len(ids), min(k, len(ids)), replace=False))]
     out = []
     for sid in chosen:
         idx = [i for i, s in enumerate(ss) if s == sid]
-        if data.test_mask is not None:
-            out.append(idx[int(np.argmax(np.asarray(data.test_mask[idx]).reshape(len(idx), -1).sum(1)))])
+        if masks is not None:
+            out.append(idx[int(np.argmax(np.asarray(masks[idx]).reshape(len(idx), -1).sum(1)))])
         else:
             out.append(idx[len(idx) // 2])
     return out
