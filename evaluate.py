@@ -44,8 +44,9 @@ import torch
 from unit import UserError, variants
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import (evaluate, figure_slices, has_brain_mask, paired_bootstrap, reference_scores, to_model,
-                             translate)
+from unit.evaluation import (BRAIN_METRICS, LUT_BINS, REFERENCES, evaluate, figure_slices, has_brain_mask,
+                             reference_scores, reference_subjects, strongest_reference, t_interval, to_model, translate,
+                             volume_runs)
 from unit.io import make_folder, refuse_existing, write_nifti, write_png, write_text
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
@@ -55,8 +56,17 @@ COLUMNS = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ssim_mask", 
            ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD"), ("checker", "Checkerboard")]
 # with a brain mask, the brain comes first: on skull-stripped data the zero background that input and
 # target share makes whole-slice scores high for any output, the identity included
-BRAIN_FIRST = [("ssim_mask", "SSIM brain"), ("psnr_mask", "PSNR brain dB"), ("mae_mask", "MAE brain"), ("ssim", "SSIM"),
-               ("psnr", "PSNR dB"), ("mae", "MAE"), ("ms_ssim", "MS-SSIM"), ("gmsd", "GMSD"), ("checker", "Checkerboard")]
+BRAIN_FIRST = [("ssim_mask", "SSIM brain"), ("ssim_core", "SSIM core"), ("ssim3d_mask", "SSIM 3-D brain"),
+               ("psnr_mask", "PSNR brain dB"),
+               ("mae_mask", "MAE brain"), ("ssim", "SSIM"), ("psnr", "PSNR dB"), ("mae", "MAE"), ("ms_ssim", "MS-SSIM"),
+               ("gmsd", "GMSD"), ("checker", "Checkerboard")]
+# the reference rows (unit.evaluation.REFERENCES), first in every table
+REF_LABEL = {"identity": "identity (input as output)", "inverted": "inverted input (1 - x inside its support)",
+             "lut": f"intensity LUT ({LUT_BINS} bins, fit on the training split)"}
+REF_NOTE = ("Reference rows: no network. inverted: 1 - input where the input is nonzero (uses neither training nor "
+            "target); intensity LUT: E[target | input intensity] over the training split's brain voxels, applied where "
+            "the input is nonzero; SSIM core: SSIM on the brain mask eroded by 5 px, windows that never reach the "
+            "background (the brain's outline, which any brain-shaped output gets right, left out)")
 CHECKER_NOTE = ("Checkerboard: share of the output's spectral energy at the Nyquist frequency (period-2 artefacts; "
                 "identity row: the input's)")
 
@@ -94,21 +104,64 @@ def background_note(res):
             f"ones")
 
 
-def table(res, cols=COLUMNS):
-    """One checkpoint's results as a markdown table: its translation row, the identity row and, on the
-    phantom, the oracle row, then the translation as a fraction of the oracle."""
+def ref_rows(res, keys):
+    """Markdown rows of the reference rows (REFERENCES, then the oracle): '| label | T1 | T2 | ...'."""
+    rows = [(REF_LABEL[r], res[r]) for r in REFERENCES if r in res]
+    if "oracle" in res:
+        rows.append((ORACLE_ROW, res["oracle"]))
+    return [f"| {name} | " + " | ".join(f"{fmt(k, v['T1'][k])} | {fmt(k, v['T2'][k])}" for k, _ in keys) + " |"
+            for name, v in rows]
+
+
+def versus_references(subjects, res):
+    """{c: {k: (reference row, mean, low, high)}} for the brain metrics: a model's paired per-subject difference to
+    the strongest reference row of that metric and direction (strongest_reference), with its 95% t-interval over
+    subjects; sign as 'better' (for MAE, reference minus model), so > 0 everywhere means the model wins."""
+    out = {}
+    for c in ("T1", "T2"):
+        out[c] = {}
+        for k, higher in BRAIN_METRICS.items():
+            if k not in subjects[c] or "reference_per_subject" not in res:
+                continue
+            r = strongest_reference(res, c, k)
+            d = subjects[c][k] - reference_subjects(res, r, c)[k]
+            out[c][k] = (r, *t_interval(d if higher else -d))
+    return out
+
+
+def versus_lines(label, vs):
+    """Markdown lines of versus_references(): one row per direction."""
+    keys = [k for k in BRAIN_METRICS if k in vs["T1"]]
+    lines = []
+    for c in ("T1", "T2"):
+        cells = [f"{fmt(k, vs[c][k][1])} [{fmt(k, vs[c][k][2])}, {fmt(k, vs[c][k][3])}] vs {vs[c][k][0]}" for k in keys]
+        lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+VERSUS_HEAD = ("Each model against the strongest reference row of each brain metric (paired difference over test "
+               "subjects, as 'better': MAE reference minus model; [95% t-interval]; > 0 = the model wins):")
+
+
+def table(res, cols=COLUMNS, subjects=None):
+    """One checkpoint's results as a markdown table: the reference rows (identity, inverted input, intensity LUT;
+    the oracle on the phantom), then the translation; the translation as a fraction of the oracle; with subjects
+    (its subject_scores()), its paired differences to the strongest reference row of each brain metric."""
     keys = [k for k in cols if k[0] in res["T1"]]
     head = "| | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
-    lines = [head, "|---" * (1 + 2 * len(keys)) + "|"]
-    rows = [("translation", res["T1"], res["T2"]), ("identity (input as output)", res["identity"]["T1"], res["identity"]["T2"])]
-    if "oracle" in res:
-        rows.append((ORACLE_ROW, res["oracle"]["T1"], res["oracle"]["T2"]))
-    for name, a, b in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{fmt(k, a[k])} | {fmt(k, b[k])}" for k, _ in keys) + " |")
+    lines = [head, "|---" * (1 + 2 * len(keys)) + "|", *ref_rows(res, keys)]
+    lines.append("| **translation** | " + " | ".join(f"{fmt(k, res['T1'][k])} | {fmt(k, res['T2'][k])}" for k, _ in keys)
+                 + " |")
+    lines += ["", REF_NOTE + "."]
     if "target" in res:
         lines += ["", f"{CHECKER_NOTE}; the real targets score T1 {res['target']['T1']:.4f} T2 {res['target']['T2']:.4f}."]
     if "oracle" in res:
         lines += ["", ORACLE_NOTE + ".", f"translation / oracle: {of_oracle(res)}"]
+    vs = versus_references(subjects, res) if subjects else None
+    if vs and vs["T1"]:
+        names = [n for k, n in BRAIN_FIRST if k in vs["T1"]]
+        lines += ["", VERSUS_HEAD, "", "| | | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|",
+                  *versus_lines("translation", vs)]
     return "\n".join(lines)
 
 
@@ -218,18 +271,61 @@ def run_label(path, epoch):
     return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))} e{epoch}"
 
 
-def draw_figure(path, rows, stacks, idx, subjects):
-    """The qualitative comparison (unit.figures.translation_figure) of the test slices idx."""
+def sagittal(stack, run, mask, aspect, size):
+    """The sagittal plane through the brain's centre of a subject's stacked axial slices stack[a:b] (run = (a, b):
+    unit.evaluation.volume_runs), superior up, resampled to square pixels (aspect: through-plane over in-plane
+    spacing) and fitted into an (H, W) = size cell, black around: (H, W) float32 in [0, 1]. Where a 2-D
+    translator's slices disagree, this view shows it as horizontal streaks."""
+    from PIL import Image
+    a, b = run
+    vol, m = np.asarray(stack[a:b], np.float32), np.asarray(mask[a:b])
+    col = int(round(np.nonzero(m)[2].mean())) if m.any() else vol.shape[2] // 2
+    plane = np.ascontiguousarray(vol[::-1, :, col])            # (D, H): the top row is the highest slice
+    H, W = size
+    f = min(H / (plane.shape[0] * aspect), W / plane.shape[1])
+    img = Image.fromarray(plane).resize((max(1, round(plane.shape[1] * f)), max(1, round(plane.shape[0] * aspect * f))),
+                                        Image.BILINEAR)
+    out = np.zeros((H, W), np.float32)
+    y0, x0 = (H - img.height) // 2, (W - img.width) // 2
+    out[y0:y0 + img.height, x0:x0 + img.width] = np.clip(np.asarray(img), 0, 1)
+    return out
+
+
+def sagittal_planes(data, split, n, idx):
+    """plane(stack) -> {subject: sagittal()} for the subjects of the slices idx (among the first n of split) that
+    have a whole volume (unit.evaluation.volume_runs), from a stack of that split's n slices."""
+    ids = data.meta["slice_subject"][split][:n]
+    runs, masks = volume_runs(data, ids), getattr(data, f"{split}_mask")
+    mask = np.asarray(masks[:n]) > 0 if masks is not None else np.ones((n, *data.shape), bool)
+    def aspect(sid):                                          # through-plane (the source's) over in-plane spacing
+        v = data.meta["volumes"][sid]["source_spacing"]
+        return v[2] / (data.meta.get("spacing") or v[0])
+    chosen = [s for s in dict.fromkeys(ids[i] for i in idx) if s in runs]
+    return lambda stack: {s: sagittal(stack, runs[s], mask, aspect(s), data.shape) for s in chosen}
+
+
+def draw_figure(path, rows, stacks, idx, subjects, sagittals=None):
+    """The qualitative comparison (unit.figures.translation_figure) of the test slices idx, and for each of their
+    subjects with a whole volume a sagittal row per direction (sagittals: {subject: {"t1", "t2": planes}}, each
+    row's {"fake_t1", "fake_t2": {subject: plane}} in r["sagittal"]), with the subject's 3-D brain SSIM on it."""
     from unit.figures import translation_figure
-    cases = []
+    cases, order = [], sorted(set(subjects))                     # np.unique's order, as subject_scores()
     for i in idx:
         for c, src, dst, fake in (("T2", "t1", "t2", "fake_t2"), ("T1", "t2", "t1", "fake_t1")):
             cases.append({"label": f"{subjects[i]}\n{src.upper()}w -> {dst.upper()}w",
                           "input": stacks[src][i].numpy(), "target": stacks[dst][i].numpy(),
                           "outputs": [r["figure"][fake][i].numpy() for r in rows],
                           "ssim": [r["slices"][c]["ssim"][i] for r in rows]})
+        sid = subjects[i]
+        for c, src, dst, fake in (("T2", "t1", "t2", "fake_t2"), ("T1", "t2", "t1", "fake_t1")):
+            if sagittals and sid in sagittals:
+                cases.append({"label": f"{sid}\n{src.upper()}w -> {dst.upper()}w\nsagittal, SSIM 3-D brain",
+                              "input": sagittals[sid][src], "target": sagittals[sid][dst],
+                              "outputs": [r["sagittal"][fake][sid] for r in rows],
+                              "ssim": [r["subjects"][c]["ssim3d_mask"][order.index(sid)] for r in rows]})
     translation_figure(path, cases, [run_label(r["ckpt"], r["epoch"]) for r in rows])
-    print(f"figure: {path} ({len(idx)} test subject{'s' * (len(idx) != 1)} x 2 directions; error maps from 0 to 0.25)")
+    print(f"figure: {path} ({len(idx)} test subject{'s' * (len(idx) != 1)} x 2 directions"
+          + (", axial and sagittal" if sagittals else "") + "; error maps from 0 to 0.25)")
 
 
 def mean_spectrum(x, chunk=256):
@@ -258,7 +354,7 @@ def default_queries(mask, image):
             ((0.5, 0.5), (0.3, 0.3), (0.3, 0.7), (0.75, 0.5))]
 
 
-def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
+def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device, split="test"):
     """Attention maps of both translations of test slice idx (one PNG each) and attention.json with
     the query points and every attention layer's gamma. Each direction runs the translation and then
     the target domain's discriminator on it (the judgement the generator is trained against), so every
@@ -273,14 +369,15 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
         raise UserError(f"--attention-maps: this checkpoint has no self-attention (attn={cfg['attn']}); train "
                         f"with --attn PLACE[+PLACE...] from encoder, generator, discriminator")
     H, W = data.shape
-    mask = None if data.test_mask is None else np.asarray(data.test_mask[idx]) > 0
-    img = {"a": np.asarray(data.test_t1[idx], np.float32), "b": np.asarray(data.test_t2[idx], np.float32)}
+    masks = getattr(data, f"{split}_mask")
+    mask = None if masks is None else np.asarray(masks[idx]) > 0
+    img = {q: np.asarray(getattr(data, f"{split}_t{i}")[idx], np.float32) for q, i in (("a", 1), ("b", 2))}
     points = queries or default_queries(mask, img["a"])
     bad = [p for p in points if not (0 <= p[0] < H and 0 <= p[1] < W)]
     if bad:
         raise UserError(f"--queries {bad}: outside the {H}x{W} image (row, col from 0)")
     make_folder(out_dir)
-    subject = data.meta["slice_subject"]["test"][idx]
+    subject = data.meta["slice_subject"][split][idx]
     record = {"slice": idx, "subject": subject, "queries": points, "gamma": layers, "layers": {}}
     drawn = set()
     model.eval()
@@ -312,31 +409,27 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device):
           ", ".join(f"{place_of(n)} {g:+.4f}" for n, g in layers.items()))
 
 
-def compare_table(rows, subjects, n_boot, cols=COLUMNS):
-    """Markdown: one row per checkpoint (means), the identity row, then each row after the first as a
-    paired difference to the first with its 95% bootstrap interval over test subjects."""
+def compare_table(rows, subjects, cols=COLUMNS):
+    """Markdown: the reference rows, one row per checkpoint (means), then each row after the first as a paired
+    difference to the first with its 95% t-interval over test subjects, and every checkpoint against the strongest
+    reference row of each brain metric."""
     keys = [(k, n) for k, n in cols if k in rows[0]["res"]["T1"]]
+    res0 = rows[0]["res"]
     head = "| checkpoint | model | epoch | " + " | ".join(f"{n} T1 | {n} T2" for _, n in keys) + " |"
     out = [head, "|---" * (3 + 2 * len(keys)) + "|"]
+    out += [line.replace(" |", " | | |", 1) for line in ref_rows(res0, keys)]      # two empty cells: model, epoch
     for r in rows:
         out.append(f"| {r['ckpt']} | {variants.label(r['config'])} | {r['epoch']} | " +
                    " | ".join(f"{fmt(k, r['res']['T1'][k])} | {fmt(k, r['res']['T2'][k])}" for k, _ in keys) + " |")
-    ident = rows[0]["res"]["identity"]
-    out.append("| identity (input as output) | | | " + " | ".join(f"{fmt(k, ident['T1'][k])} | {fmt(k, ident['T2'][k])}"
-                                                              for k, _ in keys) + " |")
-    target = rows[0]["res"].get("target")
-    if target:
-        out += ["", f"{CHECKER_NOTE}; the real targets score T1 {target['T1']:.4f} T2 {target['T2']:.4f}."]
-    oracle = rows[0]["res"].get("oracle")
-    if oracle:
-        out.append(f"| {ORACLE_ROW} | | | " + " | ".join(f"{fmt(k, oracle['T1'][k])} | {fmt(k, oracle['T2'][k])}"
-                                                         for k, _ in keys) + " |")
+    out += ["", REF_NOTE + "."]
+    if res0.get("target"):
+        out += ["", f"{CHECKER_NOTE}; the real targets score T1 {res0['target']['T1']:.4f} T2 {res0['target']['T2']:.4f}."]
+    if res0.get("oracle"):
         out += ["", ORACLE_NOTE + "; each checkpoint as a fraction of it:", ""]
         out += [f"- {r['ckpt']}: {of_oracle(r['res'])}" for r in rows]
     if len(rows) > 1:
-        out += ["", f"Paired differences to the first row (mean over subjects, [95% bootstrap interval] over "
-                    f"{len(set(subjects))} test subjects, {n_boot} resamples, seed 0):", "", head,
-                out[1]]
+        out += ["", f"Paired differences to the first row (mean over subjects, [95% t-interval] over "
+                    f"{len(set(subjects))} subjects):", "", head, out[1]]
         for r in rows[1:]:
             cells = []
             for k, _ in keys:
@@ -344,6 +437,12 @@ def compare_table(rows, subjects, n_boot, cols=COLUMNS):
                     d, lo, hi = r["diff"][c][k]
                     cells.append(f"{fmt(k, d)} [{fmt(k, lo)}, {fmt(k, hi)}]")
             out.append(f"| {r['ckpt']} | {variants.label(r['config'])} | {r['epoch']} | " + " | ".join(cells) + " |")
+    vs = [(r, versus_references(r["subjects"], r["res"])) for r in rows]
+    if vs[0][1] and vs[0][1]["T1"]:
+        names = [n for k, n in BRAIN_FIRST if k in vs[0][1]["T1"]]
+        out += ["", VERSUS_HEAD, "", "| checkpoint | | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+        for r, v in vs:
+            out += versus_lines(r["ckpt"], v)
     return "\n".join(out)
 
 
@@ -355,7 +454,6 @@ def main(argv=None):
                                   "trained on)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--csv", help="also write one row per checkpoint (means, and differences to the first) here")
-    p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals of the differences")
     p.add_argument("--save-images", metavar="DIR", help="write real/translated PNGs of test slices here (one "
                                                         "checkpoint)")
     f = p.add_argument_group("figures (unit/figures.py, Pillow)")
@@ -372,6 +470,8 @@ def main(argv=None):
                                      "points inside the brain)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="evaluate only the first N test slices")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="score the test split (the report) or the "
+                   "validation split (where variants and settings are chosen; data/prepare.py --split with \"val\")")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v = p.add_argument_group("whole volumes (NIfTI source trees, see data/README.md)")
     v.add_argument("--volumes", metavar="SRC", help="translate the test subjects of this source tree (one checkpoint)")
@@ -400,12 +500,10 @@ def main(argv=None):
         raise UserError(f"--queries {args.queries!r}: give pixels as 'row,col row,col ...'") from None
     if queries and any(len(q) != 2 for q in queries):
         raise UserError(f"--queries {args.queries!r}: each point is row,col")
-    if args.bootstrap < 100:
-        raise UserError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (2000 recommended)")
     if not args.overwrite:                              # fail now, not after scoring
         refuse_existing(existing_outputs(args))
 
-    rows, data, data_path, idx, refs = [], None, None, None, None
+    rows, data, data_path, idx, refs, sagittals = [], None, None, None, None, None
     subjects = args.subjects.split(",") if args.subjects else None
     for path in args.ckpt:
         model, ckpt = load_model(path, args.device)
@@ -413,12 +511,15 @@ def main(argv=None):
         if data is None:
             data_path = args.data or cfg["data"]
             data = load_prepared(data_path)
-            if not len(data.test_t1) and not args.volumes:
+            if args.split == "val" and not data.has("val"):
+                raise UserError(f"{data_path} has no validation split (data/prepare.py --split FILE with a \"val\" "
+                                f"list makes one); drop --split val to score its test split")
+            if not data.has(args.split) and not args.volumes:
                 raise UserError(f"{data_path} has no test slices (its split lists no test subject); pass --data "
                                 f"with a prepared dataset that has one (the same slice size and spacing)")
             if args.data and os.path.abspath(args.data) != os.path.abspath(cfg["data"]):
-                print(f"scoring on {args.data}, not on the training data {cfg['data']}: its test split "
-                      f"({len(data.meta['test_subjects'])} subjects)", flush=True)
+                print(f"scoring on {args.data}, not on the training data {cfg['data']}: its {args.split} split "
+                      f"({len(data.meta[args.split + '_subjects'])} subjects)", flush=True)
         if args.volumes:
             res = evaluate_volumes(model, cfg, data, args)
             if args.json:
@@ -437,35 +538,42 @@ def main(argv=None):
         print(f"checkpoint {path}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
               f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}",
               flush=True)
-        refs = refs or reference_scores(data, args.limit)          # the same for every checkpoint
-        res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit, refs)
+        refs = refs or reference_scores(data, args.limit, args.split)          # the same for every checkpoint
+        res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit, refs,
+                               args.split)
         rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
                      "slices": stacks.pop("slices"), "subjects": stacks.pop("subjects")})
         if idx is None and (args.figure or args.attention_maps):
-            idx = figure_slices(data, res["n"], subjects)
-        if args.figure:   # keep only the figure's slices of each checkpoint's translations
+            idx = figure_slices(data, res["n"], subjects, split=args.split)
+        if args.figure:   # keep only the figure's slices of each checkpoint's translations, and sagittal planes
             rows[-1]["figure"] = {k: {i: stacks[k][i] for i in idx} for k in ("fake_t1", "fake_t2")}
+            plane = sagittal_planes(data, args.split, res["n"], idx)
+            rows[-1]["sagittal"] = {k: plane(stacks[k]) for k in ("fake_t1", "fake_t2")}
+            real = {q: plane(stacks[q]) for q in ("t1", "t2")}
+            sagittals = {sid: {q: real[q][sid] for q in real} for sid in real["t1"]}
         if args.spectra:
             rows[-1]["spectra"] = {"T1": mean_spectrum(stacks["fake_t1"]), "T2": mean_spectrum(stacks["fake_t2"])}
         if args.attention_maps:
-            draw_attention_maps(args.attention_maps, model, cfg, data, idx[0], queries, args.device)
+            draw_attention_maps(args.attention_maps, model, cfg, data, idx[0], queries, args.device, args.split)
         del model
     n = rows[0]["res"]["n"]
-    subjects = list(data.meta["slice_subject"]["test"][:n])
+    subjects = list(data.meta["slice_subject"][args.split][:n])
     for r in rows[1:]:   # paired: the same test slices, each checkpoint's score minus the first's
-        r["diff"] = {c: {k: paired_bootstrap(r["subjects"][c][k] - rows[0]["subjects"][c][k], args.bootstrap)
-                         for k in r["subjects"][c]} for c in ("T1", "T2")}
-    print(f"test split of {data_path}: {n} slices of {data.shape[0]}x{data.shape[1]} from {len(set(subjects))} "
+        r["diff"] = {c: {k: t_interval(r["subjects"][c][k] - rows[0]["subjects"][c][k]) for k in r["subjects"][c]}
+                     for c in ("T1", "T2")}
+    print(f"{args.split} split of {data_path}: {n} slices of {data.shape[0]}x{data.shape[1]} from {len(set(subjects))} "
           f"subjects; T1 = T2w->T1w vs real T1w, T2 = T1w->T2w vs real T2w")
     if data.meta["source"] == "phantom" and "oracle" not in rows[0]["res"]:
         print(f"note: {data_path} was prepared before the phantom stored its noiseless test targets, so there is "
               f"no oracle row; prepare it again (data/prepare.py phantom ... --overwrite) to see it")
     cols = columns(data)
-    print(table(rows[0]["res"], cols) if len(rows) == 1 else compare_table(rows, subjects, args.bootstrap, cols))
+    for r in rows:                    # each against the strongest reference row of every brain metric
+        r["versus"] = versus_references(r["subjects"], r["res"])
+    print(table(rows[0]["res"], cols, rows[0]["subjects"]) if len(rows) == 1 else compare_table(rows, subjects, cols))
     if background_note(rows[0]["res"]):
         print(background_note(rows[0]["res"]))
     if args.figure:
-        draw_figure(args.figure, rows, stacks, idx, data.meta["slice_subject"]["test"])
+        draw_figure(args.figure, rows, stacks, idx, data.meta["slice_subject"][args.split][:n], sagittals)
     if args.spectra:
         draw_spectra(args.spectra, rows, stacks)
     if args.json:
@@ -479,15 +587,16 @@ def main(argv=None):
             r = rows[0]
             write_text(args.json, json.dumps({"ckpt": r["ckpt"], "epoch": r["epoch"], "step": r["step"],
                                               "data": data_path, "config": r["config"], **r["res"],
-                                              "subject_ids": ids, "per_subject": per_subject(r)}, indent=2))
+                                              "subject_ids": ids, "per_subject": per_subject(r),
+                                              "versus": r["versus"]}, indent=2))
         else:
             write_text(args.json, json.dumps({"data": data_path, "subjects": len(set(subjects)), "subject_ids": ids,
-                                              "bootstrap": args.bootstrap, "checkpoints": [plain(r) for r in rows]},
+                                              "checkpoints": [plain(r) for r in rows]},
                                              indent=2))
     if args.csv:
         write_csv(args.csv, rows, cols)
     if args.save_images:
-        shown = figure_slices(data, rows[0]["res"]["n"], subjects, k=16)   # the slices with most brain, 16 subjects
+        shown = figure_slices(data, rows[0]["res"]["n"], subjects, k=16, split=args.split)   # most brain, 16 subjects
         save_images(args.save_images, shown, **stacks)
         print(f"images: {args.save_images}/test_*.png (real T1 | T1->T2 | real T2 | T2->T1; the slice with the most "
               f"brain of {len(shown)} test subjects, drawn with seed 0)")

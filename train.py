@@ -48,7 +48,7 @@ from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
 from unit.io import Appender, WriteError, copy_file, failure, lock_folder, release, write_png, write_text
 from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss
-from unit.model import UPSAMPLE_CHOICES, attn_arg
+from unit.model import DOWN_CHOICES, UPSAMPLE_CHOICES, attn_arg
 from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
 
@@ -75,6 +75,9 @@ class Config:
     upsample: str = opt("deconv", "generator upsampling: deconv = the poster's DCONV(K3, S2), which draws a "
                                   "checkerboard; resize = nearest x2 + conv3", choices=UPSAMPLE_CHOICES)
     width: int = opt(64, "channels of the first conv; all widths scale with it (poster: 64)")
+    down: int = opt(2, "stride-2 convs per encoder (x2 upsamplings per generator): 2 = the poster's latent at H/4 x W/4; "
+                       "1 = a finer latent at H/2 x W/2 that keeps fine detail (4x the latent's positions)",
+                    choices=DOWN_CHOICES)
     # objective (UNIT's weights) and optimiser (the poster's Adam)
     gan_loss: str = opt("bce", "GAN loss: bce (the poster's), lsgan (UNIT's released code), hinge (SAGAN's)",
                         choices=GAN_LOSSES)
@@ -83,6 +86,9 @@ class Config:
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
     w_kl_cyc: float = opt(0.1, "weight of the KL terms of the cycle codes")
     w_cyc: float = opt(100.0, "weight of cycle reconstruction x_aba ~ x_a, x_bab ~ x_b")
+    w_paired: float = opt(0.0, "weight of a supervised term, L1 of x_ab against the real x_b and of x_ba against x_a "
+                               "(needs paired data; batches are then drawn paired): a ceiling for reference, not "
+                               "UNIT, which never sees a pair (0 = UNIT as published)")
     lr: float = opt(1e-4, "Adam learning rate (G, and D unless --lr-d)")
     lr_d: float = opt(0.0, "Adam learning rate of the discriminators (0 = --lr); SAGAN's TTUR uses 4x G's")
     lr_decay: float = opt(0.0, "over this last fraction of the run both learning rates fall linearly towards 0 "
@@ -125,14 +131,15 @@ CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,
 CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize",
                         max_steps=3300, max_minutes=28.0, eval_every=1, save_minutes=10.0)
 
-def data_source(path):
-    """meta.json's "source" of a prepared dataset ("phantom", "brats", ...), or None when it cannot be read
+def data_meta(path):
+    """meta.json of a prepared dataset ({"source": "brats", "paired": true, ...}), or {} when it cannot be read
     (loading the data later says why)."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
-            return json.load(f).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_minutes", "save_epochs", "eval_every", "eval_limit", "log_every", "device", "out", "amp"}
@@ -190,7 +197,7 @@ def resolve_config(given, full, resume, world=1):
     device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     note = "poster settings"
     if device == "cpu" and not full:
-        scans = bool(given.get("data")) and data_source(given["data"]) not in (None, "phantom")
+        scans = bool(given.get("data")) and data_meta(given["data"]).get("source") not in (None, "phantom")
         preset = {k: v for k, v in (CPU_PRESET_SCANS if scans else CPU_PRESET).items() if k not in given}
         cfg.update(preset)
         shown = {k: v for k, v in preset.items() if k != "size" or not given.get("data")}  # data sets the size
@@ -220,6 +227,9 @@ def check_config(cfg, given):
     for k in ("batch_size", "epochs", "width"):
         if cfg[k] < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+    if cfg["w_paired"] and cfg["data"] and data_meta(cfg["data"]).get("paired") is False:
+        raise UserError(f"--w-paired {cfg['w_paired']:g} compares translations with the real images of the other "
+                        f"contrast, and {cfg['data']} is not paired (meta.json: paired=false); drop the flag")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise UserError(f"--device {cfg['device']} is not cpu, cuda or cuda:N")
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
@@ -356,12 +366,12 @@ def latent_noise(gen, seed, step, draw, shape, rank):
     return torch.stack(z)
 
 
-def sample_grid(model, data, cfg, path, n=4):
-    """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for n test slices (model in eval mode): the slice with
-    the most brain of n test subjects drawn with seed 0, the same at every epoch so grids compare. A dataset
-    without a test split shows training slices, chosen the same way."""
+def sample_grid(model, data, cfg, path, n=4, split="test"):
+    """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for n slices of split (model in eval mode): the slice with
+    the most brain of n of its subjects drawn with seed 0, the same at every epoch so grids compare. A dataset
+    without slices there shows training slices, chosen the same way."""
     from PIL import Image
-    split = "test" if len(data.test_t1) else "train"
+    split = split if data.has(split) else "train"
     t1, t2 = getattr(data, f"{split}_t1"), getattr(data, f"{split}_t2")
     idx = figure_slices(data, len(t1), k=n, seed=0, split=split)
     idx_b = [i % len(t2) for i in idx]                      # unpaired data may have fewer T2 slices
@@ -390,12 +400,12 @@ def set_requires_grad(params, flag):
         p.requires_grad_(flag)
 
 
-LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl", "kl_cyc")
+LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl", "kl_cyc", "paired")
 
 
 def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     """One UNIT iteration: a discriminator step, then a generator step (encoders + generators).
-    x_a: T1w batch, x_b: T2w batch, (B, ch, H, W) in [-1, 1], not paired. noise(k): the k-th
+    x_a: T1w batch, x_b: T2w batch, (B, ch, H, W) in [-1, 1], not paired (pairs with --w-paired). noise(k): the k-th
     latent draw of this step, shaped like the codes. model: the UNIT; g_side, d_side: its
     generator side and its discriminators (model.generator_side(), .discriminator_side()), each
     wrapped in DistributedDataParallel under torchrun. With --amp bf16 the forward passes run under
@@ -428,13 +438,16 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     loss_rec = rec(o["x_aa"], x_a) + rec(o["x_bb"], x_b)
     loss_kl_cyc = kl_loss(o["mu_ab"]) + kl_loss(o["mu_ba"])
     loss_cyc = rec(o["x_aba"], x_a) + rec(o["x_bab"], x_b)
+    # --w-paired only (a supervised reference; x_a, x_b are then pairs): the translations against the real images
+    loss_paired = (l1_loss(o["x_ab"], x_b) + l1_loss(o["x_ba"], x_a) if cfg["w_paired"] else
+                   torch.zeros((), device=x_a.device))
     loss_g = (cfg["w_gan"] * loss_gan + cfg["w_kl"] * loss_kl + cfg["w_rec"] * loss_rec +
-              cfg["w_kl_cyc"] * loss_kl_cyc + cfg["w_cyc"] * loss_cyc)
+              cfg["w_kl_cyc"] * loss_kl_cyc + cfg["w_cyc"] * loss_cyc + cfg["w_paired"] * loss_paired)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
     set_requires_grad(model.discriminator_params(), True)
-    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl, loss_kl_cyc]).detach()
+    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl, loss_kl_cyc, loss_paired]).detach()
 
 
 def lr_factor(step, total, decay):
@@ -507,7 +520,10 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
     if cfg["attn"] != "none":
         from unit.backends import describe
         say(f"self-attention ({cfg['attn']}): {describe()}")
-    scored = data.paired and len(data.test_t1) > 0        # the per-epoch evaluation needs paired test slices
+    # the per-epoch evaluation: on the validation split when there is one (choices are made there, and the test
+    # split is left for the report), else on the test split; it needs paired slices there
+    split = "val" if data.has("val") else "test"
+    scored = data.paired and data.has(split)
     if cfg["eval_every"] and not data.paired:
         say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "
             f"(translated slices have no pixel-aligned ground truth, as evaluate.py says); sample grids are still "
@@ -516,6 +532,9 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         say(f"note: {cfg['data']} has no test slices (its split lists no test subject), so the per-epoch evaluation "
             f"is skipped; sample grids show training slices, and evaluate.py --data DIR scores the checkpoints on a "
             f"dataset with a test split")
+    elif cfg["eval_every"] and split == "val":
+        say(f"note: {cfg['data']} has a validation split: the per-epoch evaluation and the sample grids use its "
+            f"{len(data.val_t1)} slices, not the test split's")
 
     orders = {}
     def fetch(step):
@@ -526,6 +545,8 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
             orders[epoch] = [pool[d][batch_indices(len(pool[d]), steps_per_epoch, gbs, cfg["seed"], epoch, d)
                                      [:, rank * bs:(rank + 1) * bs]] for d in ("a", "b")]   # pools are sorted
         ia, ib = orders[epoch][0][i], orders[epoch][1][i]
+        if cfg["w_paired"]:                             # --w-paired: domain b takes a's batch, so they are pairs
+            ib = ia
         return (to_model(data.train_t1[ia], ch, dev, non_blocking=True),   # (B, ch, H, W) in [-1, 1]
                 to_model(data.train_t2[ib], ch, dev, non_blocking=True))
 
@@ -573,11 +594,11 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
         if scored:
             def score():
                 nonlocal refs
-                refs = refs or reference_scores(data, cfg["eval_limit"] or None)   # the data's: computed once
-                return evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs)[0]
+                refs = refs or reference_scores(data, cfg["eval_limit"] or None, split)   # the data's: once
+                return evaluate(model, data, dev, ch, limit=cfg["eval_limit"] or None, refs=refs, split=split)[0]
             res = survive("the evaluation", score, step, log, progress)
             if res is not None:
-                last_metrics = {"kind": "eval", "step": step, "epoch": e, "n": res["n"],
+                last_metrics = {"kind": "eval", "split": split, "step": step, "epoch": e, "n": res["n"],
                                 **{f"{k}_{c}": v for c in ("T1", "T2") for k, v in res[c].items()},
                                 **{f"identity_{k}": res["identity"]["T1"][k] for k in ("ssim", "ssim_mask")
                                    if k in res["identity"]["T1"]}}
@@ -585,9 +606,9 @@ def train(cfg, data, ckpt=None, device=None, rank=0, world=1):
                 progress.close()
                 scores = lambda k: f"T1 {res['T1'][k]:.4f} T2 {res['T2'][k]:.4f} (identity {res['identity']['T1'][k]:.4f})"
                 brain = f"brain SSIM {scores('ssim_mask')}, whole-slice " if has_brain_mask(data) else ""
-                print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} test slices", flush=True)
-        survive("the sample grid", lambda: sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png")),
-                step, log, progress)
+                print(f"epoch {e} step {step}: {brain}SSIM {scores('ssim')}, {res['n']} {split} slices", flush=True)
+        survive("the sample grid", lambda: sample_grid(model, data, cfg, os.path.join(out, f"samples_e{e:03d}.png"),
+                                                       split=split), step, log, progress)
 
     model.train()
     status, stopped, note = 0, False, None

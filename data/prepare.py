@@ -76,9 +76,10 @@ def build_parser():
     p.add_argument("--test-fraction", type=float, default=None,
                    help="fraction of subjects for test (default 0.2 when --n-test is not given)")
     p.add_argument("--n-train", type=int, default=None, help="phantom only: train subjects (default 900)")
-    p.add_argument("--split", metavar="FILE", help='JSON file {"train": [ids], "test": [ids]} naming the subjects of '
-                   'each split (either list may be empty; subjects in neither are left out); default: a seeded '
-                   'random split by --n-test / --test-fraction')
+    p.add_argument("--split", metavar="FILE", help='JSON file {"train": [ids], "val": [ids], "test": [ids]} naming '
+                   'the subjects of each split ("val" is optional: a validation split, on which train.py evaluates '
+                   'and choices are made; any list may be empty; subjects in none are left out); default: a seeded '
+                   'random train/test split by --n-test / --test-fraction')
     p.add_argument("--hcp-space", choices=("acpc", "mni"), default="acpc",
                    help="hcp: T1w/*_acpc_dc_restore_brain (native 0.7 mm, default) or MNINonLinear/*_restore_brain")
     p.add_argument("--percentiles", type=float, nargs=2, default=PERCENTILES, metavar=("LO", "HI"),
@@ -92,31 +93,32 @@ def build_parser():
 
 
 def read_split(path, subjects, src):
-    """{"train": [ids], "test": [ids]} from a --split JSON file, checked against the subjects of SRC:
-    DataError for an unreadable file, another shape, an id not in SRC, an id listed twice or in both lists,
-    or two empty lists."""
+    """{"train": [ids], "val": [ids], "test": [ids]} from a --split JSON file ("val" optional: [] when absent),
+    checked against the subjects of SRC: DataError for an unreadable file, another shape, an id not in SRC, an
+    id listed twice or in two lists, or no id at all."""
     try:
         split = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise DataError(f"--split {path} does not exist; give a JSON file {{\"train\": [ids], \"test\": [ids]}}.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"--split {path} cannot be read as JSON ({e}); fix the file.") from None
-    if not (isinstance(split, dict) and set(split) == {"train", "test"} and
+    if not (isinstance(split, dict) and {"train", "test"} <= set(split) <= {"train", "val", "test"} and
             all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in split.values())):
-        raise DataError(f"--split {path} must hold exactly {{\"train\": [ids], \"test\": [ids]}} with subject ids "
-                        f"as strings (either list may be empty).")
+        raise DataError(f"--split {path} must hold {{\"train\": [ids], \"test\": [ids]}} and optionally \"val\": "
+                        f"[ids], with subject ids as strings (any list may be empty).")
+    split = {"train": split["train"], "val": split.get("val", []), "test": split["test"]}
     known = {s.id for s in subjects}
-    unknown = [i for k in ("train", "test") for i in split[k] if i not in known]
+    unknown = [i for k in split for i in split[k] if i not in known]
     if unknown:
         raise DataError(f"--split {path}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a subject "
                         f"of {src} (it has {', '.join(sorted(known)[:3])}, ...); fix the ids.")
-    both = sorted(set(split["train"]) & set(split["test"]))
-    twice = sorted({i for k in ("train", "test") for i in split[k] if split[k].count(i) > 1})
+    both = sorted({i for a in split for b in split if a < b for i in set(split[a]) & set(split[b])})
+    twice = sorted({i for k in split for i in split[k] if split[k].count(i) > 1})
     if both or twice:
         raise DataError(f"--split {path}: {', '.join(both or twice)} "
-                        f"{'in both train and test' if both else 'listed twice'}; list each subject once.")
-    if not split["train"] and not split["test"]:
-        raise DataError(f"--split {path} lists no subject; name at least one train or test subject.")
+                        f"{'in two splits' if both else 'listed twice'}; list each subject once.")
+    if not any(split.values()):
+        raise DataError(f"--split {path} lists no subject; name at least one train, val or test subject.")
     return split
 
 
@@ -130,8 +132,9 @@ def _rel(path, src):
 
 
 def _summary(found, used, skipped):
-    lines = [f"subjects: {found} found, {used['train'] + used['test']} used "
-             f"({used['train']} train / {used['test']} test), {len(skipped)} skipped"]
+    val = f" / {used['val']} val" if used.get("val") else ""
+    lines = [f"subjects: {found} found, {sum(used.values())} used "
+             f"({used['train']} train{val} / {used['test']} test), {len(skipped)} skipped"]
     for sid, why in skipped.items():
         lines.append(f"  skipped {sid}: {why}")
     return lines
@@ -147,7 +150,7 @@ def prepare_volumes(args, created_by):
         if args.n_test is not None or args.test_fraction is not None:
             raise DataError(f"--split {args.split} names the test subjects; drop --n-test / --test-fraction.")
         by_id = {s.id: s for s in subjects}
-        order = [by_id[i] for i in given["test"] + given["train"]]
+        order = [by_id[i] for i in given["test"] + given["val"] + given["train"]]
         n_test = len(given["test"])
     elif args.n_test is not None:
         n_test = args.n_test
@@ -165,13 +168,13 @@ def prepare_volumes(args, created_by):
     pct = tuple(float(v) for v in args.percentiles)
     if not 0 <= pct[0] < pct[1] <= 100:
         raise DataError(f"--percentiles must satisfy 0 <= LO < HI <= 100, got {pct}.")
-    used, skipped = {"train": 0, "test": 0}, {}
+    used, skipped = {"train": 0, "val": 0, "test": 0}, {}
     volumes, per_volume, mask_sources = {}, {}, {}
     t0 = time.time()
     bar = Progress(n, f"{layout} subjects", enabled=not args.quiet)
     with PreparedWriter(args.out, args.size, paired=paired, masks=True, overwrite=args.overwrite) as w:
         for s in order:
-            split = ("test" if s.id in given["test"] else "train") if given else \
+            split = next(k for k in ("test", "val", "train") if k == "train" or s.id in given[k]) if given else \
                 ("test" if used["test"] < n_test else "train")
             try:
                 r = prepare_subject(s, size=args.size, slices=args.slices, percentiles=pct,
@@ -198,9 +201,9 @@ def prepare_volumes(args, created_by):
                 volumes[s.id]["registration"] = r.registration
             bar.update()
         bar.close()
-        wanted = [k for k in ("train", "test") if not given or given[k]]   # a given split may leave one empty
+        wanted = [k for k in ("train", "val", "test") if (given[k] if given else k != "val")]   # may be empty
         if any(used[k] == 0 for k in wanted):
-            raise DataError(f"only {used['train']} train and {used['test']} test subjects of {src} "
+            raise DataError(f"only {used['train']} train, {used['val']} val and {used['test']} test subjects of {src} "
                             f"could be used ({len(skipped)} skipped, see the warnings above); fix them "
                             f"or {'change --split' if given else 'lower --n-test'}.")
         meta = {
@@ -387,7 +390,8 @@ def main(argv=None):
             path, lines, c, t0 = prepare_volumes(args, created_by)
         H, W = args.size
         print("\n".join(lines), file=sys.stderr)
-        print(f"slices: train {c['train_t1']} T1 / {c['train_t2']} T2, test {c['test_t1']} T1 / "
+        val = f"val {c['val_t1']} T1 / {c['val_t2']} T2, " if "val_t1" in c else ""
+        print(f"slices: train {c['train_t1']} T1 / {c['train_t2']} T2, {val}test {c['test_t1']} T1 / "
               f"{c['test_t2']} T2, each {H}x{W} float16", file=sys.stderr)
         print(f"wrote {path}: {folder_mb(path):.1f} MB in {time.time() - t0:.1f} s", file=sys.stderr)
         print(f"done: {path}")

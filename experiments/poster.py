@@ -16,7 +16,7 @@ The tables, at the poster's epochs scaled to the run length E (round(E * p) for 
   1. the eight variants at the 75% epoch (the poster's "after 75th epoch");
   2. the gray baseline and the poster's best model (attention in encoder + CL + SN) at every table epoch.
 Each table is one `evaluate.py CKPT ... --json` call (all checkpoints on the same test slices), so the
-paired differences to the gray baseline come with 95% bootstrap intervals over test subjects; the
+paired differences to the gray baseline come with 95% t-intervals over test subjects; the
 printed evaluate.py output is kept at the end of poster.md.
 """
 import argparse
@@ -59,7 +59,7 @@ def table_epochs(epochs):
 def diff_cell(rows, base, c):
     """A variant's SSIM minus the gray baseline's, seed by seed (rows and base: their evaluate.py rows in
     seed order, the baseline's first in the evaluate.py call): for one seed evaluate.py's paired difference
-    with its 95% bootstrap interval over test subjects, for several the mean ± sd over seeds."""
+    with its 95% t-interval over test subjects, for several the mean ± sd over seeds."""
     if rows is base:
         return "0 (reference)"
     if len(rows) == 1:
@@ -83,7 +83,6 @@ def main(argv=None):
     p.add_argument("--out", default="runs/poster", help="folder of the runs and of poster.md")
     p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                    help="comma-separated subset of: " + ", ".join(v[0] for v in VARIANTS))
-    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of evaluate.py's intervals")
     args = p.parse_args(argv)
     known = {v[0]: v for v in VARIANTS}
     chosen = [s.strip() for s in args.variants.split(",") if s.strip()]
@@ -122,7 +121,7 @@ def main(argv=None):
     # table 1: the gray baseline first (the reference of the paired differences), then the poster's order
     ordered = sorted(runs, key=lambda r: r[0] != BASELINE)
     res1, _, text1 = evaluate_all([ck(f, t1_epoch) for _, _, _, f in ordered],
-                               os.path.join(args.out, "table1.json"), args.bootstrap)
+                               os.path.join(args.out, "table1.json"))
     any_row = next(iter(res1.values()))
     oracle = any_row["res"].get("oracle")
     head = " | ".join(f"{n} T1 | {n} T2" for _, n in METRICS)
@@ -146,7 +145,7 @@ def main(argv=None):
         lines.append("| oracle (noiseless target) | | | " + " | ".join(
             f"{oracle[c][k]:.4f}" for k, _ in METRICS for c in ("T1", "T2")) + " | | |")
     lines += ["", "Differences to the gray baseline: paired over the same test slices, " +
-              ("[95% bootstrap interval over test subjects]." if args.seeds == 1 else
+              ("[95% t-interval over test subjects]." if args.seeds == 1 else
                "mean ± sd over seeds of each seed's difference to the baseline of the same seed.")]
 
     # table 2: the baseline and the best model at every table epoch
@@ -154,7 +153,7 @@ def main(argv=None):
     pair = [v for v in variants if v[0] in (BASELINE, BEST)]
     if pair:
         ckpts = [ck(f, e) for name, _, _, _, _ in pair for n, _, _, f in runs if n == name for e in t_epochs]
-        res2, _, text2 = evaluate_all(ckpts, os.path.join(args.out, "table2.json"), args.bootstrap)
+        res2, _, text2 = evaluate_all(ckpts, os.path.join(args.out, "table2.json"))
         texts.append(text2)
         lines += ["", f"## Table 2: {' and '.join(v[1] for v in pair)} over epochs {save} of {epochs} (the poster's "
                       f"1, 25, 50, 75, 100)", "", f"| model | epoch | {head} |", "|---" * (2 + 2 * len(METRICS)) + "|"]

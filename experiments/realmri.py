@@ -29,16 +29,21 @@ import time
 
 import torch
 
-from study import ROOT, UserError, cell, dry_run, evaluate_all, load_checkpoint, run, train_all
+from study import ROOT, UserError, dry_run, evaluate_all, load_checkpoint, run, train_all
+from unit.evaluation import BRAIN_METRICS, t_interval
 from unit.hardware import machine
 from unit.io import make_folder, write_text
 
 SPLIT = os.path.join(ROOT, "experiments", "realmri-split.json")
 PREPARE = ["--spacing", "2", "--size", "112x96", "--slices", "all"]
 # the table's columns: (evaluate.py's key, header, format)
-COLUMNS = [("ssim_mask", "SSIM brain", "{:.3f}"), ("psnr_mask", "PSNR brain dB", "{:.2f}"),
-           ("mae_mask", "MAE brain", "{:.3f}"), ("ssim", "SSIM", "{:.3f}"), ("ms_ssim", "MS-SSIM", "{:.3f}"),
-           ("checker", "Checkerboard", "{:.4f}")]
+COLUMNS_ALL = [("ssim_mask", "SSIM brain", "{:.3f}"), ("ssim_core", "SSIM core", "{:.3f}"),
+               ("ssim3d_mask", "SSIM 3-D brain", "{:.3f}"), ("psnr_mask", "PSNR brain dB", "{:.2f}"),
+               ("mae_mask", "MAE brain", "{:.3f}"), ("ssim", "SSIM", "{:.3f}"), ("ms_ssim", "MS-SSIM", "{:.3f}"),
+               ("checker", "Checkerboard", "{:.4f}")]
+# the reference rows (unit.evaluation.REFERENCES), first in the table: the rows a translator has to beat
+REFERENCE_ROWS = [("identity", "identity (input as output)"), ("inverted", "inverted input (1 - x inside the brain)"),
+                  ("lut", "intensity LUT (fit on the training split)")]
 
 
 def prepare(src, data, split_file):
@@ -50,8 +55,8 @@ def prepare(src, data, split_file):
         with open(split_file) as f:
             split = json.load(f)
         given = meta.get("split_file") or {}
-        if meta.get("spacing") != 2 or meta["shape"] != [112, 96] or [given.get("train"), given.get("test")] != \
-                [split["train"], split["test"]]:
+        lists = lambda d: [d.get(k) or [] for k in ("train", "val", "test")]
+        if meta.get("spacing") != 2 or meta["shape"] != [112, 96] or lists(given) != lists(split):
             raise UserError(f"{data} was prepared with other settings or another split than {split_file}; remove it "
                             f"(or pass another --out) and run the benchmark again")
         print(f"data: {data} (prepared before)", flush=True)
@@ -85,7 +90,7 @@ def variant_flags(out, name, flags, data):
 def runs_of(out):
     """Every run of OUT with a checkpoint: {variant: [(seed, ckpt path)]}, variants in the order they were
     first trained, seeds in order."""
-    variants = sorted((f[:-5] for f in os.listdir(out) if f.endswith(".json") and f != "table.json"),
+    variants = sorted((f[:-5] for f in os.listdir(out) if f.endswith(".json") and not f.startswith("table")),
                       key=lambda v: os.path.getmtime(os.path.join(out, v + ".json")))
     found = {}
     for v in variants:
@@ -101,17 +106,31 @@ def ci(value, lo_hi, fmt):
     return f"{fmt.format(value)} [{fmt.format(lo_hi[0])}, {fmt.format(lo_hi[1])}]"
 
 
-def write_table(out, found, res, text, figure, split_file):
-    """OUT/realmri.md: one row per run (means over test patients, the brain SSIM with its 95% interval), one per
-    variant with several seeds (mean ± sd over seeds), the identity and real-target rows, and how it was made."""
+def sd(values, fmt):
+    m = sum(values) / len(values)
+    return fmt.format((sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5).lstrip("+")
+
+
+def write_table(out, found, res, text, figure, split_file, split="test"):
+    """OUT/realmri.md (OUT/realmri-val.md for the validation split): the reference rows first (identity, inverted
+    input, intensity LUT), one row per run (means over patients, the brain SSIM with its 95% t-interval), per
+    variant with several seeds its mean and, on a line of its own, the sd over seeds; then each run against the
+    strongest reference row of every brain metric (paired over patients), and how it was made."""
     refs = next(iter(res.values()))["res"]
-    head = " | ".join(f"{n} T1 | {n} T2" for _, n, _ in COLUMNS)
-    lines = ["# Real-data benchmark (`python experiments/realmri.py`)", "",
-             f"Test split: {refs['subjects']} patients ({refs['n']} slices of 112x96 at 2 mm; "
-             f"{os.path.relpath(split_file, ROOT)}), scores = means over patients; [95% bootstrap interval over patients]. "
+    columns = [col for col in COLUMNS_ALL if col[0] in refs["T1"]]     # 3-D SSIM: for subjects with whole volumes
+    head = " | ".join(f"{n} T1 | {n} T2" for _, n, _ in columns)
+    what = "Test split" if split == "test" else "Validation split (where variants are chosen; the test split reports)"
+    lines = [f"# Real-data benchmark (`python experiments/realmri.py`){'' if split == 'test' else ', validation split'}",
+             "", f"{what}: {refs['subjects']} patients ({refs['n']} slices of 112x96 at 2 mm; "
+             f"{os.path.relpath(split_file, ROOT)}), scores = means over patients; [95% t-interval over patients]. "
              f"T1 = T2w->T1w vs the real T1w, T2 = T1w->T2w vs the real T2w; brain = the skull-stripped patient's "
-             f"nonzero voxels. Machine: {machine()}; torch {torch.__version__}.", "",
-             f"| run | steps | wall time | {head} |", "|---" * (3 + 2 * len(COLUMNS)) + "|"]
+             f"nonzero voxels; core = the brain eroded by 5 px (SSIM without the brain's outline). Machine: "
+             f"{machine()}; torch {torch.__version__}.", "",
+             f"| run | steps | wall time | {head} |", "|---" * (3 + 2 * len(columns)) + "|"]
+    for name, label in REFERENCE_ROWS:
+        if name in refs:
+            lines.append(f"| {label} | | | " + " | ".join(fmt.format(refs[name][c][k]) for k, _, fmt in columns
+                                                         for c in ("T1", "T2")) + " |")
     for v, runs in found.items():
         rows = [res[p] for _, p in runs]
         for (seed, path), r in zip(runs, rows):
@@ -119,41 +138,54 @@ def write_table(out, found, res, text, figure, split_file):
             sec = ck.get("seconds")
             minutes = "?" if sec is None else f"{sec:.0f} s" if sec < 60 else f"{sec / 60:.1f} min"
             cells = []
-            for k, _, fmt in COLUMNS:
+            for k, _, fmt in columns:
                 for c in ("T1", "T2"):
                     cells.append(ci(r["res"][c][k], r["ci"][c][k], fmt) if k == "ssim_mask" else fmt.format(r["res"][c][k]))
             lines.append(f"| {v} seed {seed} | {r['step']} | {minutes} | " + " | ".join(cells) + " |")
         if len(rows) > 1:
-            lines.append(f"| **{v}: mean ± sd over {len(rows)} seeds** | | | " + " | ".join(
-                cell([r["res"][c][k] for r in rows], fmt) for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
-    ident = refs["identity"]
-    lines.append("| identity (input as output) | | | " + " | ".join(
-        fmt.format(ident[c][k]) for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
+            lines.append(f"| **{v}: mean over {len(rows)} seeds** | | | " + " | ".join(
+                fmt.format(sum(r["res"][c][k] for r in rows) / len(rows)) for k, _, fmt in columns
+                for c in ("T1", "T2")) + " |")
+            lines.append(f"| {v}: sd over seeds | | | " + " | ".join(
+                sd([r["res"][c][k] for r in rows], fmt) for k, _, fmt in columns for c in ("T1", "T2")) + " |")
     lines.append("| real targets | | | " + " | ".join(
-        (fmt.format(refs["target"][c]) if k == "checker" else "") for k, _, fmt in COLUMNS for c in ("T1", "T2")) + " |")
-    lines += ["", "Checkerboard: the share of an image's spectral energy at the Nyquist frequency (period-2 artefacts); "
-                  "the identity row's is each direction's input's. Wall time: training as train.py recorded it "
-                  "(evaluation during training included)."]
+        (fmt.format(refs["target"][c]) if k == "checker" else "") for k, _, fmt in columns for c in ("T1", "T2")) + " |")
+    lines += ["", "Reference rows: no network. inverted input: 1 - input where it is nonzero (uses neither training "
+                  "nor target); intensity LUT: E[target | input intensity] in 64 bins over the training split's brain "
+                  "voxels. Checkerboard: the share of an image's spectral energy at the Nyquist frequency (period-2 "
+                  "artefacts); the identity row's is each direction's input's. Wall time: training as train.py "
+                  "recorded it (evaluation during training included)."]
+    keys = [k for k in BRAIN_METRICS if k in refs["T1"]]
+    names = [n for k, n, _ in columns if k in keys]
+    lines += ["", "Each run against the strongest reference row of each brain metric: the paired difference over "
+                  "patients as 'better' (for MAE reference minus run), [95% t-interval]; a run beats the baselines "
+                  "where every interval lies above 0.", "", "| run | | " + " | ".join(names) + " |",
+              "|---" * (2 + len(names)) + "|"]
+    fmts = {k: f for k, _, f in columns}
+    for v, runs in found.items():
+        for seed, path in runs:
+            vs = res[path]["versus"]
+            for c in ("T1", "T2"):
+                lines.append(f"| {v} seed {seed} | {c} | " + " | ".join(
+                    f"{ci(vs[c][k][1], vs[c][k][2:], fmts[k])} vs {vs[c][k][0]}" for k in keys) + " |")
     if figure:
-        lines += ["", f"![translations of test patients]({os.path.basename(figure)})", "",
+        lines += ["", f"![translations of {split} patients]({os.path.basename(figure)})", "",
                   "Figure: input | translation of each variant's seed-0 run (SSIM on it) | real target, and the "
                   "absolute error under each translation (0-0.25). BraTS 2018 data: Menze et al., IEEE TMI 2015; "
                   "Bakas et al., Nature Scientific Data 2017."]
     lines += ["", "## evaluate.py's output", "", "```", text.strip(), "```", ""]
-    path = os.path.join(out, "realmri.md")
+    path = os.path.join(out, "realmri.md" if split == "test" else "realmri-val.md")
     write_text(path, "\n".join(lines))
     return path
 
 
-def bootstrap_means(rows, n_boot):
-    """For each checkpoint row of evaluate.py's JSON: "ci", the 95% interval of each metric's mean over test
+def intervals(rows):
+    """For each checkpoint row of evaluate.py's JSON: "ci", the 95% t-interval of each metric's mean over
     patients, from the per-patient scores evaluate.py --json keeps."""
     import numpy as np
-
-    from unit.evaluation import paired_bootstrap
     for r in rows:
-        r["ci"] = {c: {k: paired_bootstrap(np.array(v, dtype=float), n_boot)[1:] for k, v in r["per_subject"][c].items()}
-                   for c in ("T1", "T2")}
+        r["ci"] = {c: {k: t_interval(np.array([np.nan if x is None else x for x in v], dtype=float))[1:]
+                       for k, v in r["per_subject"][c].items()} for c in ("T1", "T2")}
 
 
 def main(argv=None):
@@ -166,7 +198,8 @@ def main(argv=None):
     p.add_argument("--out", default="runs/realmri", help="folder of the prepared data, the runs and realmri.md")
     p.add_argument("--name", default="default", help="this variant's name (its runs: OUT/NAME-seedK)")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0 .. N-1 (default 2)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the intervals")
+    p.add_argument("--score", default="test", choices=("test", "val"), help="the split the table scores: test (the "
+                   "report) or val (the validation patients, where variants and settings are chosen)")
     p.add_argument("--split", default=SPLIT, help="the subjects of each split (default: the committed "
                                                   "experiments/realmri-split.json)")
     p.add_argument("--figure-subjects", help="test patients shown in OUT/realmri.png, comma-separated (default: 3 "
@@ -190,13 +223,14 @@ def main(argv=None):
 
     found = runs_of(args.out)
     ckpts = [pth for runs_ in found.values() for _, pth in runs_]
-    figure = os.path.join(args.out, "realmri.png")
     seed0 = [runs_[0][1] for runs_ in found.values()]
-    res, _, text = evaluate_all(ckpts, os.path.join(args.out, "table.json"), args.bootstrap)
-    bootstrap_means(res.values(), args.bootstrap)
-    run([sys.executable, "evaluate.py", *seed0, "--figure", figure, "--overwrite"] +
+    suffix = "" if args.score == "test" else "-val"
+    figure = os.path.join(args.out, f"realmri{suffix}.png")
+    res, _, text = evaluate_all(ckpts, os.path.join(args.out, f"table{suffix}.json"), ["--split", args.score])
+    intervals(res.values())
+    run([sys.executable, "evaluate.py", *seed0, "--figure", figure, "--overwrite", "--split", args.score] +
         (["--subjects", args.figure_subjects] if args.figure_subjects else []), log=True)
-    path = write_table(args.out, found, res, text, figure, args.split)
+    path = write_table(args.out, found, res, text, figure, args.split, args.score)
     print(f"wrote {path} and {figure}")
     return path
 

@@ -98,17 +98,18 @@ def resume_flags(flags):
     return out
 
 
-def evaluate_all(ckpts, out_json, bootstrap, extra=()):
+def evaluate_all(ckpts, out_json, extra=()):
     """One evaluate.py call over all checkpoints: ({path: its JSON row}, the JSON, the printed tables)."""
-    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--bootstrap", str(bootstrap), "--overwrite",
-                *extra], log=True)                      # the study's own table, rewritten at every call
+    text = run([sys.executable, "evaluate.py", *ckpts, "--json", out_json, "--overwrite", *extra],
+               log=True)                                # the study's own table, rewritten at every call
     print(text, flush=True)
     with open(out_json) as f:
         js = json.load(f)
     if "checkpoints" not in js:                            # one checkpoint: evaluate.py's flat format
+        keys = ("n", "subjects", "T1", "T2", "identity", "inverted", "lut", "target", "oracle", "reference_per_subject")
         js = {"checkpoints": [{"ckpt": js["ckpt"], "epoch": js["epoch"], "step": js["step"], "config": js["config"],
-                               "res": {k: js[k] for k in ("n", "subjects", "T1", "T2", "identity", "target", "oracle")
-                                       if k in js}, "per_subject": js["per_subject"]}]}
+                               "res": {k: js[k] for k in keys if k in js}, "per_subject": js["per_subject"],
+                               "versus": js["versus"]}]}
     return {r["ckpt"]: r for r in js["checkpoints"]}, js, text
 
 

@@ -1,7 +1,7 @@
 """experiments/realmri.py, the real-data benchmark in one command, on a small synthetic BraTS tree (three skull-
 stripped heads, 1 mm, stored LPS) with a split of its own: prepared at 2 mm into 112x96 slices, two seeds
-trained, one table with a row per run and per variant, intervals over patients that contain each mean, the
-identity and real-target rows; a second call skips the finished runs, and a variant name is bound to its flags."""
+trained, one table with the reference rows first, a row per run and per variant, t-intervals over patients that
+contain each mean, each run against the strongest reference row; a second call skips the finished runs, and a variant name is bound to its flags."""
 import json
 import os
 import re
@@ -36,7 +36,7 @@ def test_benchmark_table_skip_and_variant_names(tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": cases[:1], "test": cases[1:]}))
     env = {**os.environ, "UNIT_ATTN": "naive"}
-    cmd = [sys.executable, "experiments/realmri.py", src, "--out", out, "--split", str(split), "--bootstrap", "200",
+    cmd = [sys.executable, "experiments/realmri.py", src, "--out", out, "--split", str(split),
            "--", "--full", "--width", "4", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -53,7 +53,15 @@ def test_benchmark_table_skip_and_variant_names(tmp_path):
         assert m == round(t["res"]["T1"]["ssim_mask"], 3) and lo <= m <= hi       # brain SSIM T1 [interval]
         per = t["per_subject"]["T1"]["ssim_mask"]
         assert len(per) == 2 and abs(np.mean(per) - t["res"]["T1"]["ssim_mask"]) < 1e-9   # a mean over patients
-    assert "| **default: mean ± sd over 2 seeds** |" in md and "| identity (input as output) |" in md
+    assert "| **default: mean over 2 seeds** |" in md and "| default: sd over seeds |" in md
+    lines = md.splitlines()
+    at = lambda text: next(i for i, line in enumerate(lines) if line.startswith(text))
+    assert at("| identity (input as output) |") < at("| inverted input") < at("| intensity LUT") < at("| default seed 0")
+    assert "SSIM core T1" in md and "SSIM 3-D brain T1" in md                       # 13 slices a patient: volumes
+    for seed, t in enumerate(table):                      # each run against the strongest reference row
+        row = lines[at(f"| default seed {seed} | T2 |")]
+        ref, d, lo, hi = t["versus"]["T2"]["ssim_mask"]
+        assert f"{d:.3f} [{lo:.3f}, {hi:.3f}] vs {ref}" in row
     assert "| real targets |" in md and "Menze" in md and os.path.isfile(os.path.join(out, "realmri.png"))
     # again: nothing to train, the same table; the same name with other flags is refused
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

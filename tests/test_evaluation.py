@@ -1,5 +1,5 @@
-"""The paired bootstrap over test subjects against cases with known answers, evaluate.py with
-several checkpoints, and the phantom's oracle row against an independent recomputation."""
+"""t-intervals over test subjects against scipy, the reference rows (inverted input, intensity LUT, core SSIM)
+against an independent recomputation, evaluate.py with several checkpoints, and the phantom's oracle row."""
 import csv
 import json
 import os
@@ -15,27 +15,62 @@ from skimage.metrics import structural_similarity
 from unit.data import load_prepared, prepare_phantom
 import torch
 
-from unit.evaluation import evaluate, means, paired_bootstrap, per_slice, subject_scores
+from unit.evaluation import (BRAIN_METRICS, evaluate, means, per_slice, reference_scores, reference_subjects,
+                             strongest_reference, subject_scores, t_interval, t_quantile)
 from unit.model import UNIT
 from unit.phantom import phantom_subject, subject_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bootstrap_two_subjects_has_the_known_interval():
-    # subjects with differences 0 and 1: a resample holds {0, 0}, {0, 1} or {1, 1}, means 0, 0.5, 1 with
-    # probabilities 1/4, 1/2, 1/4; the 2.5% and 97.5% percentiles are therefore 0 and 1
-    assert paired_bootstrap([0.0, 1.0]) == (0.5, 0.0, 1.0)
-    assert paired_bootstrap([0.3]) == (0.3, 0.3, 0.3)                  # one subject: a point
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 9, 30])
+def test_t_quantile_matches_scipy(df):
+    from scipy import stats
+    for p in (0.975, 0.95, 0.995):
+        assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-7)
 
 
-def test_bootstrap_interval_matches_the_normal_approximation():
-    # many independent subjects: the 95% interval of a mean is mean +- 1.96 sd / sqrt(n), within a few %
-    d = np.random.default_rng(1).standard_normal(400) + 0.3
-    mean, lo, hi = paired_bootstrap(d, n_boot=4000)
-    half = 1.96 * d.std() / np.sqrt(400)
-    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08) and lo < mean < hi
-    assert paired_bootstrap(np.r_[d, np.nan], n_boot=4000) == (mean, lo, hi)   # NaN subjects left out
+def test_t_interval_known_values_and_scipy():
+    # two subjects, differences 0 and 1: mean 0.5, sd 0.7071, half-width 12.706 * 0.7071 / sqrt(2) = 6.353
+    m, lo, hi = t_interval([0.0, 1.0])
+    assert m == 0.5 and hi - m == pytest.approx(12.7062047 * 0.5, rel=1e-6) and m - lo == pytest.approx(hi - m)
+    assert t_interval([0.3]) == (0.3, 0.3, 0.3)                       # one subject: a point
+    from scipy import stats
+    d = np.random.default_rng(1).standard_normal(6) + 0.3               # six test patients
+    ref = stats.t.interval(0.95, 5, loc=d.mean(), scale=stats.sem(d))
+    assert t_interval(d)[1:] == pytest.approx(ref, rel=1e-7)
+    assert t_interval(np.r_[d, np.nan]) == t_interval(d)               # NaN subjects left out
+
+
+def test_reference_rows_against_an_independent_recomputation(tmp_path):
+    """inverted: 1 - x where x > 0; intensity LUT: the mean target of each of 64 input bins over the training
+    split's brain voxels, recomputed here in float64 with np.digitize, scored with scikit-image's SSIM; SSIM core
+    is SSIM on the mask eroded by 5 px (scipy), and the strongest reference row is the best mean."""
+    from scipy import ndimage
+    data = str(tmp_path / "phantom")
+    prepare_phantom(data, n_train=5, n_test=3, slices=1, size=(64, 64), seed=2, progress=False)
+    d = load_prepared(data)
+    refs = reference_scores(d)
+    f = lambda a: np.asarray(a, np.float64)
+    src, dst, m = f(d.train_t2), f(d.train_t1), np.asarray(d.train_mask) > 0
+    b = np.clip(np.digitize(src[m], np.arange(1, 64) / 64), 0, 63)
+    table = np.array([dst[m][b == i].mean() if (b == i).any() else dst[m].mean() for i in range(64)])
+    for i in range(3):                                                  # one slice per test subject
+        x, y, mask = f(d.test_t2[i]), f(d.test_t1[i]), np.asarray(d.test_mask[i]) > 0
+        lut = np.where(x > 0, table[np.clip(np.digitize(x, np.arange(1, 64) / 64), 0, 63)], 0)
+        core = ndimage.binary_erosion(mask, np.ones((11, 11)), border_value=1)
+        for row, pred in (("inverted", np.where(x > 0, 1 - x, 0)), ("lut", lut)):
+            smap = structural_similarity(pred.astype(np.float32).astype(np.float64), y, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False, data_range=1, full=True)[1]
+            got = reference_subjects(refs, row, "T1")
+            assert got["ssim_mask"][i] == pytest.approx(smap[5:-5, 5:-5][mask[5:-5, 5:-5]].mean(), abs=1e-5), row
+            assert got["ssim_core"][i] == pytest.approx(smap[5:-5, 5:-5][core[5:-5, 5:-5]].mean(), abs=1e-5), row
+            assert got["mae_mask"][i] == pytest.approx(np.abs(pred - y)[mask].mean(), abs=1e-5), row
+    for c in ("T1", "T2"):
+        for k, higher in BRAIN_METRICS.items():
+            best = strongest_reference(refs, c, k)
+            vals = {r: refs[r][c][k] for r in ("identity", "inverted", "lut")}
+            assert vals[best] == (max if higher else min)(vals.values())
 
 
 def test_subject_scores_pool_the_pixels_of_each_subject():
@@ -79,14 +114,20 @@ def test_evaluate_several_checkpoints(tmp_path):
                         "--json", str(tmp_path / "t.json")], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "Paired differences to the first row" in r.stdout and "3 test subjects" in r.stdout
+    assert "Paired differences to the first row" in r.stdout and "[95% t-interval] over 3 subjects" in r.stdout
     assert "| oracle (noiseless target) |" in r.stdout
+    lines = r.stdout.splitlines()                         # the reference rows come first, then the checkpoints
+    at = lambda text: next(i for i, line in enumerate(lines) if line.startswith(text))
+    assert at("| identity (input as output) |") < at("| inverted input") < at("| intensity LUT") < at(f"| {first} |")
+    assert sum(line.startswith(f"| {last} | T") for line in lines) == 2   # against the strongest reference rows
     assert "Checkerboard T1 | Checkerboard T2" in r.stdout and "the real targets score T1 0.0" in r.stdout
     res = json.load(open(tmp_path / "t.json"))["checkpoints"]
     o = res[1]["res"]
     assert f"- {last}: SSIM T1 {o['T1']['ssim'] / o['oracle']['T1']['ssim']:.2f} T2" in r.stdout
     assert [c["epoch"] for c in res] == [1, 2, 1]
     assert all(v == [0.0, 0.0, 0.0] for c in ("T1", "T2") for v in res[2]["diff"][c].values())   # itself: 0
+    ref, m, lo, hi = res[1]["versus"]["T2"]["mae_mask"]            # 'better' = the reference's MAE minus its own
+    assert m == pytest.approx(res[1]["res"][ref]["T2"]["mae_mask"] - res[1]["res"]["T2"]["mae_mask"]) and lo <= m <= hi
     d, lo, hi = res[1]["diff"]["T1"]["ssim"]
     assert d == pytest.approx(res[1]["res"]["T1"]["ssim"] - res[0]["res"]["T1"]["ssim"]) and lo <= d <= hi
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
@@ -191,3 +232,22 @@ def test_scoring_on_another_dataset(tmp_path):
     assert "from 2 subjects" in r.stdout
     r = ev(c)
     assert r.returncode == 2 and "slices of 64x80, not 64x64" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_3d_ssim_is_per_subject_volume_of_consecutive_slices():
+    """A subject's 3-D SSIM is ssim_volume() of its stacked slices inside its brain, for subjects whose slices are
+    one run of consecutive positions (at least 11); the others get NaN."""
+    from types import SimpleNamespace
+    from unit.evaluation import volume_runs, volume_scores
+    from unit.metrics import ssim_volume
+    r = np.random.default_rng(0)
+    ids = ["a"] * 12 + ["b"] * 12 + ["c"] * 5
+    meta = {"volumes": {"a": {"slices": list(range(3, 15))}, "b": {"slices": list(range(12))[:6] + list(range(7, 13))},
+                        "c": {"slices": list(range(5))}}}
+    runs = volume_runs(SimpleNamespace(meta=meta), ids)
+    assert runs == {"a": (0, 12)}                        # b skips a position, c is too short
+    real = torch.from_numpy(r.random((29, 16, 16))).float()
+    pred = (real + 0.1 * torch.from_numpy(r.standard_normal((29, 16, 16))).float()).clamp(0, 1)
+    mask = torch.ones(29, 16, 16, dtype=torch.bool)
+    got = volume_scores(pred, real, mask, ids, runs)["ssim3d_mask"]
+    assert got[0] == ssim_volume(pred[:12], real[:12], mask[:12]) and np.isnan(got[1:]).all()

@@ -23,7 +23,7 @@ def test_poster_study_tables_skip_and_resume(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "runs")
     prepare_phantom(data, n_train=4, n_test=3, slices=1, size=(64, 64), seed=0, progress=False)
     cmd = [sys.executable, "experiments/poster.py", "--variants", "none,encoder-sn-cl", "--seeds", "2", "--epochs",
-           "2", "--out", out, "--bootstrap", "200", "--", "--data", data, "--width", "4", "--batch-size", "2",
+           "2", "--out", out, "--", "--data", data, "--width", "4", "--batch-size", "2",
            "--eval-every", "0", "--full", "--device", "cpu"]
     env = {**os.environ, "UNIT_ATTN": "naive"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

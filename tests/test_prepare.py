@@ -776,8 +776,17 @@ def test_split_file_names_the_subjects_of_each_split(tmp_path, capsys):
     p = check_prepared(out, {k: v for k, v in subjects.items() if k != ids[3]}, central(1))
     m = p.meta
     assert set(m["train_subjects"]) == {ids[0], ids[4]} and set(m["test_subjects"]) == {ids[1], ids[2]}
-    assert m["split_file"] == {"path": str(split), "train": [ids[4], ids[0]], "test": [ids[2], ids[1]]}
+    assert m["split_file"] == {"path": str(split), "train": [ids[4], ids[0]], "val": [], "test": [ids[2], ids[1]]}
     assert ids[3] not in m["volumes"] and m["n_train"] == 2 and m["n_test"] == 2
+    assert p.val_t1 is None and not p.has("val") and "n_val" not in m          # no validation split asked for
+    # a validation split: its own arrays (slices as prepared, like train and test), meta and subjects
+    split.write_text(json.dumps({"train": [ids[4]], "val": [ids[0], ids[3]], "test": [ids[2]]}))
+    assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "v", "--size", "22x28", "--split", split, "--quiet") == 0
+    v = D.load_prepared(tmp_path / "v")
+    assert v.meta["val_subjects"] == [ids[0], ids[3]] and v.meta["n_val"] == 2 == len(v.val_t1) == len(v.val_mask)
+    assert v.meta["slice_subject"]["val"] == [ids[0], ids[3]] and v.meta["volumes"][ids[3]]["split"] == "val"
+    assert np.array_equal(v.val_t1[0], p.train_t1[list(m["slice_subject"]["train"]).index(ids[0])])
+    assert v.meta["test_subjects"] == [ids[2]] and v.meta["train_subjects"] == [ids[4]]
     # either list may be empty: a dataset only for scoring
     split.write_text(json.dumps({"train": [], "test": [ids[3]]}))
     assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "score", "--size", "22x28", "--split", split,
@@ -787,10 +796,12 @@ def test_split_file_names_the_subjects_of_each_split(tmp_path, capsys):
     # bad files: one sentence naming the id, exit 2, nothing written
     capsys.readouterr()
     for content, said in (({"train": [ids[0], "100399"], "test": [ids[1]]}, "100399 is not a subject of"),
-                          ({"train": [ids[0]], "test": [ids[0]]}, f"{ids[0]} in both train and test"),
+                          ({"train": [ids[0]], "test": [ids[0]]}, f"{ids[0]} in two splits"),
+                          ({"train": [ids[0]], "val": [ids[1]], "test": [ids[1]]}, f"{ids[1]} in two splits"),
                           ({"train": [ids[0], ids[0]], "test": []}, f"{ids[0]} listed twice"),
                           ({"train": [], "test": []}, "lists no subject"),
-                          ({"train": [ids[0]]}, 'must hold exactly {"train": [ids], "test": [ids]}'),
+                          ({"train": [ids[0]]}, 'must hold {"train": [ids], "test": [ids]} and optionally "val"'),
+                          ({"train": [], "test": [], "dev": [ids[0]]}, 'must hold {"train": [ids], "test": [ids]}'),
                           ("not json", "cannot be read as JSON")):
         split.write_text(content if isinstance(content, str) else json.dumps(content))
         assert run("hcp", tmp_path / "HCP", "--out", tmp_path / "bad", "--size", "22x28", "--split", split,

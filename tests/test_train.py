@@ -346,3 +346,70 @@ def test_discriminator_learning_rate():
     assert opt_g.param_groups[0]["lr"] == 3e-4 and opt_d.param_groups[0]["lr"] == 1.2e-3
     cfg["lr_d"] = 0                                                      # 0: the discriminators take --lr
     assert train.make_optimizers(model, cfg)[1].param_groups[0]["lr"] == 3e-4
+
+
+def test_a_validation_split_is_where_training_evaluates(tiny_data, tmp_path):
+    """With a validation split the per-epoch evaluation and sample grids use it, never the test split, and
+    evaluate.py --split val scores it; --split val of a dataset without one is one sentence."""
+    from unit.data import PreparedWriter, load_prepared
+    d = load_prepared(tiny_data)
+    data = str(tmp_path / "with-val")
+    with PreparedWriter(data, (64, 64), masks=True) as w:
+        for split, idx in (("train", range(4)), ("val", range(4, 6)), ("test", range(3))):
+            src = d.test_t1 if split == "test" else d.train_t1
+            src2, m = (d.test_t2, d.test_mask) if split == "test" else (d.train_t2, d.train_mask)
+            for i in idx:
+                w.add(split, f"{split}{i}", src[i], src2[i], m[i])
+        w.finish({"source": "phantom", "layout": "phantom", "seed": 0, "mask": d.meta["mask"]})
+    out = tmp_path / "run"
+    r = run("train.py", "--data", data, "--out", str(out), "--max-steps", "2", "--log-every", "1", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "has a validation split: the per-epoch evaluation and the sample grids use its 2 slices" in r.stdout
+    assert "epoch 1 step 2: brain SSIM" in r.stdout and "2 val slices" in r.stdout
+    ev = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "eval"]
+    assert [(m["split"], m["n"]) for m in ev] == [("val", 2)]
+    r = run("evaluate.py", str(out / "ckpt.pt"), "--split", "val", "--json", str(tmp_path / "v.json"))
+    assert r.returncode == 0 and "val split of" in r.stdout and "2 slices" in r.stdout, r.stderr
+    assert json.load(open(tmp_path / "v.json"))["n"] == 2
+    assert ev[0]["ssim_mask_T1"] == pytest.approx(json.load(open(tmp_path / "v.json"))["T1"]["ssim_mask"], abs=1e-6)
+    r = run("evaluate.py", str(out / "ckpt.pt"), "--data", tiny_data, "--split", "val")
+    assert r.returncode == 2 and "has no validation split" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_finer_latent_and_the_paired_term(tiny_data, tmp_path, monkeypatch):
+    """--down 1: a latent at H/2 x W/2; --w-paired W: the batches are pairs (slice i of T1w with slice i of T2w),
+    the term is logged and part of G, and the run has a variant name of its own; unpaired data is refused before
+    the run folder is made."""
+    from unit import variants
+    from unit.data import load_prepared
+    from unit.model import UNIT
+    m = UNIT(width=4, down=1)
+    x = torch.zeros(2, 1, 64, 64)
+    assert m.code_shape(x) == tuple(m.encode(x, "a").shape) == (2, 32, 32, 32) and m.translate(x, "a").shape == x.shape
+    seen, real = [], train.train_step
+    def spy(model, g, d, og, od, x_a, x_b, noise, cfg):
+        seen.append((x_a.clone(), x_b.clone()))
+        return real(model, g, d, og, od, x_a, x_b, noise, cfg)
+    monkeypatch.setattr(train, "train_step", spy)
+    out = tmp_path / "run"
+    assert train.main(["--data", tiny_data, "--out", str(out), "--max-steps", "3", "--log-every", "1", "--down", "1",
+                       "--w-paired", "100", *TINY, "--eval-every", "0"]) == 0
+    import numpy as np
+    d = load_prepared(tiny_data)
+    t1, t2 = (np.asarray(a, np.float32) * 2 - 1 for a in (d.train_t1, d.train_t2))
+    assert len(seen) == 3
+    for x_a, x_b in seen:                                 # each T2w image is the pair of the T1w image beside it
+        for a, b in zip(x_a[:, 0].numpy(), x_b[:, 0].numpy()):
+            i = int(np.argmin([np.abs(a - s).max() for s in t1]))
+            assert np.abs(a - t1[i]).max() < 1e-6 and np.abs(b - t2[i]).max() < 1e-6
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["down"], cfg["w_paired"], variants.name(cfg)) == (1, 100.0, "none-down1-paired100")
+    steps = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "train"]
+    assert all(m["paired"] > 0 and m["G"] == pytest.approx(sum(cfg["w_" + k] * m[k] for k in
+               ("gan", "kl", "rec", "kl_cyc", "cyc", "paired")), rel=1e-5) for m in steps)
+    from unit.data import write_prepared
+    z = np.zeros((4, 64, 64), np.float16)
+    unpaired = write_prepared(str(tmp_path / "unpaired"), z, z[:3], z, z[:3], {"source": "png", "layout": "folders",
+                                                                              "seed": 0, "paired": False})
+    r = run("train.py", "--data", unpaired, "--out", str(tmp_path / "refused"), "--w-paired", "1", *TINY)
+    assert r.returncode == 2 and "is not paired" in r.stderr and not (tmp_path / "refused").exists()

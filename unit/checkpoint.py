@@ -31,7 +31,8 @@ VERSION = 1
 # Config keys added after the first version-1 checkpoints, each with the value that reproduces what a run
 # made before it did (which need not be today's default). A new Config field goes here too.
 ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
-              "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0}
+              "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0,
+              "down": 2, "w_paired": 0.0}
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False, saved_by=None):
@@ -68,7 +69,8 @@ def load(path, map_location="cpu"):
 
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
-    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"])
+    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"],
+                down=cfg["down"])
 
 
 def load_model(path, device="cpu"):

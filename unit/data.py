@@ -5,6 +5,8 @@ A *prepared dataset* is a folder written by data/prepare.py:
 
     train_t1.npy  train_t2.npy  test_t1.npy  test_t2.npy   (N, H, W) float16, values in [0, 1]
     train_mask.npy  test_mask.npy                          (N, H, W) uint8, optional
+    val_t1.npy  val_t2.npy  val_mask.npy                   optional: a validation split (choices are made
+                                                           on it; the test split only reports)
     test_t1_clean.npy  test_t2_clean.npy                   (N, H, W) float16, optional: noiseless
                                                            test targets (the phantom), see below
     meta.json                                              what it is, where every slice came from
@@ -41,6 +43,8 @@ from unit.progress import Progress
 
 FILES = ("train_t1.npy", "train_t2.npy", "test_t1.npy", "test_t2.npy", "meta.json")
 MASK_FILES = ("train_mask.npy", "test_mask.npy")
+VAL_FILES = ("val_t1.npy", "val_t2.npy")                  # with val_mask.npy when the dataset has masks
+SPLITS = ("train", "val", "test")
 CLEAN_FILES = ("test_t1_clean.npy", "test_t2_clean.npy")
 META_KEYS = ("source", "layout", "paired", "shape", "n_train", "n_test", "train_subjects",
              "test_subjects", "slice_subject", "normalization", "seed", "created_by", "version")
@@ -74,6 +78,9 @@ class Prepared:
     test_mask: np.ndarray | None = None
     test_t1_clean: np.ndarray | None = None   # (N_test, H, W) float16 noiseless targets, or None
     test_t2_clean: np.ndarray | None = None
+    val_t1: np.ndarray | None = None          # the optional validation split, like train and test
+    val_t2: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
 
     @property
     def paired(self) -> bool:
@@ -82,6 +89,11 @@ class Prepared:
     @property
     def shape(self) -> tuple:
         return tuple(int(v) for v in self.meta["shape"])
+
+    def has(self, split) -> bool:
+        """Whether the dataset has slices in split ('train', 'val', 'test')."""
+        a = getattr(self, f"{split}_t1")
+        return a is not None and len(a) > 0
 
 
 def load_prepared(path) -> Prepared:
@@ -130,15 +142,22 @@ def load_prepared(path) -> Prepared:
         return a
 
     arrays = {n[:-4]: load(n, "f") for n in FILES[:4]}
+    splits = ("train", "test")
+    if any((p / n).is_file() for n in VAL_FILES) or meta.get("n_val"):
+        for n in VAL_FILES:
+            if not (p / n).is_file():
+                raise DataError(f"{p / n} is missing, but {p} has a validation split; {redo}.")
+        arrays.update({n[:-4]: load(n, "f") for n in VAL_FILES})
+        splits = ("train", "val", "test")
     masks = {}
-    for n in MASK_FILES:
+    for n in MASK_FILES + (("val_mask.npy",) if "val" in splits else ()):
         masks[n[:-4]] = load(n, "ub") if (p / n).is_file() else None
     clean = {n[:-4]: load(n, "f") if (p / n).is_file() else None for n in CLEAN_FILES}
     if (clean["test_t1_clean"] is None) != (clean["test_t2_clean"] is None):
         raise DataError(f"{p} has only one of {' and '.join(CLEAN_FILES)}; {redo}.")
-    for split in ("train", "test"):
+    for split in splits:
         t1, t2 = arrays[f"{split}_t1"], arrays[f"{split}_t2"]
-        n = meta[f"n_{split}"]
+        n = meta.get(f"n_{split}")
         if t1.shape[0] != n:
             raise DataError(f"{p / f'{split}_t1.npy'} has {t1.shape[0]} slices but meta.json says "
                             f"n_{split} = {n}; {redo}.")
@@ -157,6 +176,9 @@ def load_prepared(path) -> Prepared:
         if m is not None and m.shape[0] != t1.shape[0]:
             raise DataError(f"{p / f'{split}_mask.npy'} has {m.shape[0]} slices but {split}_t1.npy has "
                             f"{t1.shape[0]}; {redo}.")
+    if "val" in splits and (masks["val_mask"] is None) != (masks["train_mask"] is None):
+        raise DataError(f"{p} has masks for {'train' if masks['val_mask'] is None else 'val'} but not for "
+                        f"{'val' if masks['val_mask'] is None else 'train'}; {redo}.")
     for n, c in clean.items():
         if c is not None and c.shape[0] != arrays["test_t1"].shape[0]:
             raise DataError(f"{p / (n + '.npy')} has {c.shape[0]} slices but test_t1.npy has "
@@ -228,7 +250,7 @@ class PreparedWriter:
     """Streaming writer of a prepared dataset.
 
         with PreparedWriter("data/x", shape=(304, 256), masks=True) as w:
-            w.add("train", "sub-01", t1, t2, mask)     # (S, H, W) each, values in [0, 1]
+            w.add("train", "sub-01", t1, t2, mask)     # (S, H, W) each, values in [0, 1]; "val", "test"
             ...
             w.finish(meta)                             # writes meta.json, renames into place
 
@@ -275,7 +297,7 @@ class PreparedWriter:
         except BaseException:
             self.abort()
             raise
-        self.subjects = {"t1": {"train": [], "test": []}, "t2": {"train": [], "test": []}}
+        self.subjects = {"t1": {"train": [], "test": []}, "t2": {"train": [], "test": []}}   # "val": when added
 
     def __enter__(self):
         return self
@@ -307,8 +329,8 @@ class PreparedWriter:
     def add(self, split, subject, t1=None, t2=None, mask=None, clean=None):
         """Append the slices of one subject (S, H, W) (or one slice (H, W)) to `split`; clean =
         (t1, t2) noiseless targets, for the test split of a writer with clean=True."""
-        if split not in ("train", "test"):
-            raise ValueError(f"PreparedWriter.add: split must be 'train' or 'test', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"PreparedWriter.add: split must be 'train', 'val' or 'test', got {split!r}")
         if self.paired and (t1 is None or t2 is None):
             raise ValueError("PreparedWriter.add: a paired dataset needs t1 and t2 together")
         if self.masks and t1 is not None and mask is None:
@@ -332,6 +354,12 @@ class PreparedWriter:
             raise ValueError("PreparedWriter.add: a mask belongs to t1 slices; pass t1 too")
         subject = str(subject)
         try:
+            if split == "val" and "val_t1" not in self.files:      # the files of an optional split, on first use
+                for n in ("val_t1", "val_t2") + (("val_mask",) if self.masks else ()):
+                    dt = np.uint8 if n.endswith("mask") else np.float16
+                    self.files[n] = _NpyAppender(self.tmp / f"{n}.npy", dt, self.shape)
+                for q in ("t1", "t2"):
+                    self.subjects[q]["val"] = []
             for q, a in (("t1", t1), ("t2", t2)):
                 if a is None:
                     continue
@@ -345,13 +373,14 @@ class PreparedWriter:
             raise self._failed(e) from None
 
     def counts(self):
-        return {f"{s}_{q}": len(self.subjects[q][s]) for s in ("train", "test") for q in ("t1", "t2")}
+        return {f"{s}_{q}": len(self.subjects[q][s]) for s in self.subjects["t1"] for q in ("t1", "t2")}
 
     def finish(self, meta) -> str:
         """Close the arrays, write meta.json (the caller's keys plus shape, paired, n_train,
-        n_test, *_subjects, slice_subject, version), move the folder into place; returns out."""
+        n_test, *_subjects, slice_subject, version; n_val and val_subjects with a validation split),
+        move the folder into place; returns out."""
         c = self.counts()
-        if self.paired and (c["train_t1"] != c["train_t2"] or c["test_t1"] != c["test_t2"]):
+        if self.paired and any(c[f"{s}_t1"] != c[f"{s}_t2"] for s in self.subjects["t1"]):
             raise ValueError(f"PreparedWriter.finish: paired dataset with unequal counts {c}")
         try:
             for f in self.files.values():
@@ -369,16 +398,19 @@ class PreparedWriter:
             "n_test": c["test_t1"],
             "train_subjects": list(dict.fromkeys(st["t1"]["train"] + st["t2"]["train"])),
             "test_subjects": list(dict.fromkeys(st["t1"]["test"] + st["t2"]["test"])),
-            "slice_subject": {"train": s1["train"], "test": s1["test"]},
+            "slice_subject": dict(s1),
             "masks": self.masks,
             "version": VERSION,
         })
         if self.clean:
             m.setdefault("clean", {"description": "noiseless test targets"})
             m["clean"]["files"] = list(CLEAN_FILES)
+        if "val" in s1:
+            m["n_val"], m["val_subjects"] = c["val_t1"], list(dict.fromkeys(st["t1"]["val"] + st["t2"]["val"]))
         if s2 != s1:
-            m["slice_subject_t2"] = {"train": s2["train"], "test": s2["test"]}
-            m["n_train_t2"], m["n_test_t2"] = c["train_t2"], c["test_t2"]
+            m["slice_subject_t2"] = dict(s2)
+            for s in s2:
+                m[f"n_{s}_t2"] = c[f"{s}_t2"]
         else:
             m.pop("slice_subject_t2", None)
         # move into place; an existing dataset is moved aside first and removed after

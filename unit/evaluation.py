@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from unit import UserError
-from unit.metrics import checkerboard, gmsd, mae, masked_mean, ms_ssim, psnr, ssim_map, valid_pixels
+from unit.metrics import checkerboard, erode, gmsd, mae, masked_mean, ms_ssim, psnr, ssim_map, ssim_volume, valid_pixels
 
 
 def to_model(x01, channels, device, non_blocking=False):
@@ -34,13 +34,14 @@ def translate(model, images, src, device, channels, batch_size=16):
 
 # a masked metric of a subject pools the brain pixels of all its slices: its per-slice values are weighted by
 # these per-slice counts (SSIM by the brain pixels whose whole window lies inside the slice)
-WEIGHT = {"ssim_mask": "n_valid", "psnr_mask": "n_mask", "mae_mask": "n_mask"}
+WEIGHT = {"ssim_mask": "n_valid", "ssim_core": "n_core", "psnr_mask": "n_mask", "mae_mask": "n_mask"}
 
 
 def per_slice(pred, real, mask, chunk=16):
     """Every metric per slice, {name: (n,) float64 array}: SSIM / PSNR / MAE over the whole slice and
     inside the mask (if any; NaN where a slice's mask is empty, with the mask's pixel counts n_mask and
-    n_valid, which subject_scores() weighs them by), MS-SSIM and GMSD (whole slice, lower GMSD is better),
+    n_valid, which subject_scores() weighs them by), SSIM on the mask eroded by 5 px (ssim_core, weighed by
+    n_core: the brain without its outline, metrics.erode), MS-SSIM and GMSD (whole slice, lower GMSD is better),
     and the checkerboard score of pred itself (lower is better). In chunks of slices: the float64
     temporaries of a whole test split (hundreds of MB) cost more in page faults than in arithmetic."""
     out = []
@@ -51,8 +52,10 @@ def per_slice(pred, real, mask, chunk=16):
              "gmsd": gmsd(x, y), "checker": checkerboard(x)}
         if mask is not None:
             m = mask[i:i + chunk]
-            r.update(ssim_mask=masked_mean(smap, m), psnr_mask=psnr(x, y, m), mae_mask=mae(x, y, m),
-                     n_mask=m.sum(dim=(1, 2)), n_valid=valid_pixels(m).sum(dim=(1, 2)))
+            core = erode(m)                                  # SSIM windows that never reach the background
+            r.update(ssim_mask=masked_mean(smap, m), ssim_core=masked_mean(smap, core), psnr_mask=psnr(x, y, m),
+                     mae_mask=mae(x, y, m), n_mask=m.sum(dim=(1, 2)), n_valid=valid_pixels(m).sum(dim=(1, 2)),
+                     n_core=valid_pixels(core).sum(dim=(1, 2)))
         out.append({k: v.double().cpu().numpy() for k, v in r.items()})
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
@@ -78,21 +81,70 @@ def subject_scores(slices, subjects):
     return out
 
 
+def volume_runs(data, ids):
+    """{subject: (first, last + 1)} for the subjects of a split (ids: the subject of every slice) whose slices are
+    one run of consecutive axial positions of their source volume (meta.json "volumes"; --slices all writes
+    every slice with brain, bottom to top), at least 11 of them: the subjects 3-D SSIM can be computed for. The
+    phantom, PNG folders and --slices central have none."""
+    vols, out = data.meta.get("volumes") or {}, {}
+    ids = np.asarray(ids)
+    for sid in dict.fromkeys(ids.tolist()):
+        z = (vols.get(sid) or {}).get("slices")
+        idx = np.flatnonzero(ids == sid)
+        if z and len(z) == len(idx) >= 11 and np.all(np.diff(z) == 1) and np.all(np.diff(idx) == 1):
+            out[sid] = (int(idx[0]), int(idx[-1]) + 1)
+    return out
+
+
+def volume_scores(pred, real, mask, ids, runs):
+    """{"ssim3d_mask": (S,) float64}: per subject (np.unique order, like subject_scores) the 3-D SSIM of its stacked
+    slices inside its brain (unit.metrics.ssim_volume, an 11x11x11 window: slice-to-slice streaks of a 2-D
+    translator count), NaN for subjects not in runs (volume_runs). {} when no subject has a volume."""
+    if not runs or mask is None:
+        return {}
+    out = []
+    for sid in np.unique(np.asarray(ids)):
+        a, b = runs.get(sid, (0, 0))
+        out.append(ssim_volume(pred[a:b], real[a:b], mask[a:b]) if b else np.nan)
+    return {"ssim3d_mask": np.array(out)}
+
+
 def means(scores):
     """Mean over subjects of every metric of a subject_scores() dict (NaN subjects left out)."""
     return {k: float(np.nanmean(v)) for k, v in scores.items()}
 
 
-def paired_bootstrap(diff, n_boot=2000, seed=0, level=0.95):
-    """(mean, low, high): the mean over subjects of a paired per-subject difference (one value per test
-    subject, e.g. of subject_scores()) and its percentile bootstrap interval, resampling subjects with
-    replacement. NaN subjects are left out."""
-    diff = np.asarray(diff, dtype=np.float64)
-    diff = diff[~np.isnan(diff)]
-    draw = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
-    stats = diff[draw].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(diff.mean()), float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
+def t_quantile(p, df):
+    """The p-quantile of Student's t distribution with df degrees of freedom (p >= 0.5): its CDF integrated
+    numerically (Simpson's rule, 4000 panels: ~1e-10 for the quantiles of intervals) and inverted by bisection.
+    numpy alone; tests check it against scipy.stats.t.ppf."""
+    from math import gamma, pi, sqrt
+    c = gamma((df + 1) / 2) / (sqrt(df * pi) * gamma(df / 2))
+    def cdf(x):
+        t = np.linspace(0.0, x, 4001)
+        f = c * (1 + t * t / df) ** (-(df + 1) / 2)
+        return 0.5 + (x / 12000) * (f[0] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum() + f[-1])
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values, level=0.95):
+    """(mean, low, high): the mean over subjects of per-subject values (one per test subject, e.g. a paired
+    difference of subject_scores()) and its t-interval, mean +- t_{df=n-1} * sd / sqrt(n). Subjects are the
+    independent units (their slices are not); NaN subjects are left out; one subject gives a point. (The
+    percentile bootstrap used before gave intervals ~0.7x as wide over 6 subjects: too narrow.)"""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m, m
+    half = t_quantile(0.5 + level / 2, len(v) - 1) * float(v.std(ddof=1)) / np.sqrt(len(v))
+    return m, m - half, m + half
 
 
 def has_brain_mask(data):
@@ -102,53 +154,123 @@ def has_brain_mask(data):
     return data.test_mask is not None and isinstance(m, dict) and bool(m.get("brain_mask", m.get("source") == "phantom"))
 
 
-def test_split(data, limit=None):
-    """The first `limit` (default all) test slices of a prepared dataset as float32 tensors: (t1, t2, mask or
-    None, subject id of every slice)."""
-    n = len(data.test_t1) if limit is None else min(limit, len(data.test_t1))
-    t1 = torch.from_numpy(np.asarray(data.test_t1[:n], dtype=np.float32))
-    t2 = torch.from_numpy(np.asarray(data.test_t2[:n], dtype=np.float32))
-    mask = None if data.test_mask is None else torch.from_numpy(np.asarray(data.test_mask[:n]) > 0)
-    return t1, t2, mask, list(data.meta["slice_subject"]["test"][:n])
+def test_split(data, limit=None, split="test"):
+    """The first `limit` (default all) slices of a prepared dataset's test split (or split="val", its
+    validation split) as float32 tensors: (t1, t2, mask or None, subject id of every slice)."""
+    a1, a2, am = (getattr(data, f"{split}_{q}") for q in ("t1", "t2", "mask"))
+    n = len(a1) if limit is None else min(limit, len(a1))
+    t1 = torch.from_numpy(np.asarray(a1[:n], dtype=np.float32))
+    t2 = torch.from_numpy(np.asarray(a2[:n], dtype=np.float32))
+    mask = None if am is None else torch.from_numpy(np.asarray(am[:n]) > 0)
+    return t1, t2, mask, list(data.meta["slice_subject"][split][:n])
 
 
-def reference_scores(data, limit=None):
+# the reference rows a translator has to beat: no network, and neither target nor training (inverted) or only
+# the training split (lut); identity is there for scale (T1w and T2w have inverted contrast: a strawman)
+REFERENCES = ("identity", "inverted", "lut")
+LUT_BINS = 64
+
+
+def inverted(x):
+    """1 - x inside the input's support (x > 0; skull-stripped data is 0 outside the brain), 0 outside: the
+    cheapest T1w <-> T2w 'translation', which keeps every edge of its input."""
+    return torch.where(x > 0, 1 - x, torch.zeros_like(x))
+
+
+def fit_lut(src, dst, mask, bins=LUT_BINS, chunk=256):
+    """E[dst | src in bin] over the brain voxels (mask, else src > 0) of paired stacks (N, H, W) in [0, 1]: a
+    (bins,) float64 table (a bin no training voxel falls in predicts the mean of all of them). What a user with
+    paired training scans could fit in a minute, and a strong reference: it keeps its input's every edge."""
+    total, count = np.zeros(bins), np.zeros(bins)
+    for i in range(0, len(src), chunk):
+        x, y = np.asarray(src[i:i + chunk], np.float32), np.asarray(dst[i:i + chunk], np.float32)
+        m = np.asarray(mask[i:i + chunk]) > 0 if mask is not None else x > 0
+        b = np.clip((x[m] * bins).astype(np.int64), 0, bins - 1)
+        total += np.bincount(b, weights=y[m], minlength=bins)
+        count += np.bincount(b, minlength=bins)
+    return np.where(count > 0, total / np.maximum(count, 1), total.sum() / max(count.sum(), 1))
+
+
+def apply_lut(lut, x):
+    """The table of fit_lut() applied to x (N, H, W) in [0, 1] inside its support (x > 0), 0 outside."""
+    b = (x * len(lut)).long().clamp(0, len(lut) - 1)
+    return torch.where(x > 0, torch.from_numpy(lut).to(x.dtype)[b], torch.zeros_like(x))
+
+
+def reference_scores(data, limit=None, split="test"):
     """What evaluate() reports beside a model, which depends on the data alone (evaluate.py computes it once
-    for several checkpoints): "identity", each direction's input scored as its output (every metric but the
-    checkerboard is symmetric, so one computation serves both; the checkerboard is that of each direction's
-    input, T2w for T2w->T1w); "target", the real targets' checkerboard; and, on data with noiseless test
-    targets (the phantom), "oracle": those targets scored against the noisy ones, the best a translator can
-    expect on this data (a model can beat it only by reproducing noise)."""
-    t1, t2, mask, ids = test_split(data, limit)
-    ident = per_slice(t2, t1, mask)
+    for several checkpoints), each as {"T1": means, "T2": means} like a model's:
+    - "identity": each direction's input scored as its output (every metric but the checkerboard is symmetric,
+      so one computation serves both; the checkerboard is that of each direction's input, T2w for T2w->T1w);
+    - "inverted": inverted() of each direction's input (uses neither training nor target);
+    - "lut": apply_lut() of a fit_lut() on the training split's brain voxels, per direction (paired data with
+      a training split only);
+    - "target": the real targets' checkerboard;
+    - "oracle", on data with noiseless test targets (the phantom): those targets scored against the noisy ones,
+      the best a translator can expect on this data (a model can beat it only by reproducing noise);
+    - "reference_per_subject": {row: {"T1"/"T2": {metric: [value or None per subject]}}} of identity, inverted and lut,
+      in subject_scores() order, for paired differences (reference_subjects() reads it back)."""
+    t1, t2, mask, ids = test_split(data, limit, split)
+    runs = volume_runs(data, ids)
+    score = lambda pred, real: {**subject_scores(per_slice(pred, real, mask), ids),
+                                **volume_scores(pred, real, mask, ids, runs)}
     target = {"T1": per_slice_checker(t1), "T2": per_slice_checker(t2)}
-    refs = {"identity": {c: means(subject_scores({**ident, "checker": target["T2" if c == "T1" else "T1"]}, ids))
-                         for c in ("T1", "T2")},
-            "target": {c: means(subject_scores({"checker": v}, ids))["checker"] for c, v in target.items()}}
-    if data.test_t1_clean is not None:
+    ident = {**subject_scores(per_slice(t2, t1, mask), ids), **volume_scores(t2, t1, mask, ids, runs)}
+    ident_checker = {c: subject_scores({"checker": target["T2" if c == "T1" else "T1"]}, ids) for c in ("T1", "T2")}
+    subj = {"identity": {c: {**ident, **ident_checker[c]} for c in ("T1", "T2")},
+            "inverted": {"T1": score(inverted(t2), t1), "T2": score(inverted(t1), t2)}}
+    if data.paired and len(data.train_t1):
+        m = data.train_mask
+        lut = {"T1": fit_lut(data.train_t2, data.train_t1, m), "T2": fit_lut(data.train_t1, data.train_t2, m)}
+        subj["lut"] = {"T1": score(apply_lut(lut["T1"], t2), t1), "T2": score(apply_lut(lut["T2"], t1), t2)}
+    refs = {row: {c: means(v) for c, v in by.items()} for row, by in subj.items()}
+    refs["target"] = {c: means(subject_scores({"checker": v}, ids))["checker"] for c, v in target.items()}
+    if data.test_t1_clean is not None and split == "test":
         clean = {q: torch.from_numpy(np.asarray(a[:len(ids)], dtype=np.float32))
                  for q, a in (("T1", data.test_t1_clean), ("T2", data.test_t2_clean))}
         refs["oracle"] = {c: means(subject_scores(per_slice(clean[c], real, mask), ids))
                           for c, real in (("T1", t1), ("T2", t2))}
+    refs["reference_per_subject"] = {row: {c: {k: [None if np.isnan(x) else float(x) for x in v] for k, v in by[c].items()}
+                                 for c in by} for row, by in subj.items()}
     return refs
 
 
-def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None):
-    """Scores for 'T1' (b->a vs real a) and 'T2' (a->b vs real b), in float32 (no autocast: the number a
-    paper reports), as means over test subjects (subject_scores: a subject pools its slices), with the
+def reference_subjects(refs, row, c):
+    """A reference row's per-subject scores of direction c as float64 arrays (NaN where None), like
+    subject_scores() gives for a model."""
+    return {k: np.array([np.nan if x is None else x for x in v]) for k, v in refs["reference_per_subject"][row][c].items()}
+
+
+# the brain metrics a translator must win on (issue 24), and whether higher is better
+BRAIN_METRICS = {"ssim_mask": True, "ssim_core": True, "psnr_mask": True, "mae_mask": False}
+
+
+def strongest_reference(refs, c, k):
+    """The reference row (REFERENCES) with the best mean of metric k in direction c: the one to beat."""
+    rows = [r for r in REFERENCES if r in refs and k in refs[r][c]]
+    higher = BRAIN_METRICS.get(k, not k.startswith(("mae", "gmsd", "checker")))
+    return max(rows, key=lambda r: refs[r][c][k] if higher else -refs[r][c][k])
+
+
+def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test"):
+    """Scores for 'T1' (b->a vs real a) and 'T2' (a->b vs real b) on the test split (or split="val"), in
+    float32 (no autocast: the number a paper reports), as means over its subjects (subject_scores: a subject
+    pools its slices), with the
     reference_scores() of the data (pass refs to reuse them). Returns (results dict, stacks): stacks holds
     t1, t2 (real) and fake_t1, fake_t2, (n, H, W) on CPU, "slices": per_slice() of T1 and T2, and
     "subjects": their subject_scores() (for paired differences)."""
-    t1, t2, mask, ids = test_split(data, limit)
+    t1, t2, mask, ids = test_split(data, limit, split)
     was_training = model.training
     model.eval()
     fake_t2 = translate(model, t1, "a", device, channels, batch_size)
     fake_t1 = translate(model, t2, "b", device, channels, batch_size)
     model.train(was_training)
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
-    subjects = {c: subject_scores(slices[c], ids) for c in ("T1", "T2")}
+    runs = volume_runs(data, ids)
+    subjects = {c: {**subject_scores(slices[c], ids), **volume_scores(fake, real, mask, ids, runs)}
+                for c, fake, real in (("T1", fake_t1, t1), ("T2", fake_t2, t2))}
     res = {"n": len(ids), "subjects": len(set(ids)), "T1": means(subjects["T1"]), "T2": means(subjects["T2"]),
-           **(refs or reference_scores(data, limit))}
+           **(refs or reference_scores(data, limit, split))}
     return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices, "subjects": subjects}
 
 

@@ -68,6 +68,17 @@ def valid_pixels(mask):
     return mask[:, p:-p, p:-p]
 
 
+CORE_ERODE = (WIN - 1) // 2     # 5 px: how far SSIM's window reaches from its centre
+
+
+def erode(mask, r=CORE_ERODE):
+    """A mask (B, H, W) eroded by a (2r+1) x (2r+1) square: the pixels whose every pixel within r (in x and y)
+    lies in the mask. With r = 5, SSIM's 11x11 window at such a pixel never reaches the background, so SSIM on it
+    (core brain SSIM) leaves out the brain's outline, which any brain-shaped output gets right."""
+    m = mask.to(torch.float32).unsqueeze(1)
+    return (-F.max_pool2d(-m, 2 * r + 1, 1, r)).squeeze(1) > 0.5      # pixels past the slice's edge do not count
+
+
 def masked_mean(smap, mask):
     """Mean of an ssim_map() (B, h, w) over the valid pixels inside mask (B, H, W): (B,) float32, NaN
     where the mask leaves no valid pixel."""

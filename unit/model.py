@@ -12,7 +12,10 @@ Shapes at 304x256 (H x W), width w=64, one image:
            [-> SelfAttention(256), N = 1216] -> conv3/2 (512, 19x16) -> conv3/2 (1024, 10x8)
            -> conv2 (1) -> logits (1, 1, 9, 7)
 
-Where the attention blocks go is --attn: places joined by '+' (attn_places() reads it).
+Where the attention blocks go is --attn: places joined by '+' (attn_places() reads it). With --down 1 the
+encoder's second stride-2 conv has stride 1 and the generator's first upsampling is a conv3 at the same size:
+the latent is H/2 x W/2 (152x128 here), four times the positions, and keeps the fine detail a translation
+needs (the poster's --down 2 halves it twice).
 """
 import argparse
 
@@ -25,6 +28,7 @@ from unit.attention import SelfAttention
 
 PLACES = ("encoder", "generator", "discriminator")      # where a SelfAttention can go (in both domains' copies)
 UPSAMPLE_CHOICES = ("deconv", "resize")
+DOWN_CHOICES = (1, 2)                                   # stride-2 convs per encoder: the latent is H/2**down
 # each submodule of a UNIT that may hold attention: its place and the domain whose images it sees
 PLACE_OF = {"enc_a": "encoder T1w", "enc_b": "encoder T2w", "gen_a": "generator T1w", "gen_b": "generator T2w",
             "dis_a": "discriminator T1w", "dis_b": "discriminator T2w"}
@@ -84,13 +88,14 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Domain-specific part of an encoder: image (B, ch, H, W) -> features (B, 8w, H/4, W/4)."""
+    """Domain-specific part of an encoder: image (B, ch, H, W) -> features (B, 8w, H/4, W/4), or (B, 8w, H/2,
+    W/2) with down=1 (its third conv keeps the size)."""
 
-    def __init__(self, channels, w, attn):
+    def __init__(self, channels, w, attn, down=2):
         super().__init__()
         layers = [nn.Conv2d(channels, w, 7, 1, 3), lrelu(),
                   nn.Conv2d(w, 2 * w, 3, 2, 1), lrelu(),
-                  nn.Conv2d(2 * w, 4 * w, 3, 2, 1), lrelu(),
+                  nn.Conv2d(2 * w, 4 * w, 3, 2 if down == 2 else 1, 1), lrelu(),
                   ResBlock(4 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w)]
         if attn:
             layers.append(SelfAttention(8 * w))
@@ -113,12 +118,13 @@ def upsample2(cin, cout, how):
 
 
 class Generator(nn.Module):
-    """Domain-specific part of a generator: features (B, 8w, H/4, W/4) -> image (B, ch, H, W) in [-1, 1]."""
+    """Domain-specific part of a generator: features (B, 8w, H/4, W/4) -> image (B, ch, H, W) in [-1, 1]; with
+    down=1 from (B, 8w, H/2, W/2), its first upsampling a conv3 that keeps the size."""
 
-    def __init__(self, channels, w, attn, upsample="deconv"):
+    def __init__(self, channels, w, attn, upsample="deconv", down=2):
         super().__init__()
-        layers = [ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w),
-                  upsample2(8 * w, 4 * w, upsample), lrelu()]
+        first = upsample2(8 * w, 4 * w, upsample) if down == 2 else nn.Conv2d(8 * w, 4 * w, 3, 1, 1)
+        layers = [ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w), ResBlock(8 * w, 8 * w), first, lrelu()]
         if attn:
             layers.append(SelfAttention(4 * w))
         layers += [upsample2(4 * w, 2 * w, upsample), lrelu(),
@@ -178,21 +184,23 @@ class UNIT(nn.Module):
     """Two VAE-GANs sharing the last encoder block and the first generator block (the shared
     latent space). Domain a = T1w, domain b = T2w. Images in [-1, 1]."""
 
-    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv"):
+    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv", down=2):
         super().__init__()
+        if down not in DOWN_CHOICES:
+            raise ValueError(f"down must be one of {DOWN_CHOICES}, got {down!r}")
         places = attn_places(attn)
         w, ea, ga, da = width, "encoder" in places, "generator" in places, "discriminator" in places
-        self.width = width
-        self.enc_a, self.enc_b = Encoder(channels, w, ea), Encoder(channels, w, ea)
+        self.width, self.down = width, down
+        self.enc_a, self.enc_b = Encoder(channels, w, ea, down), Encoder(channels, w, ea, down)
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
-        self.gen_a, self.gen_b = Generator(channels, w, ga, upsample), Generator(channels, w, ga, upsample)
+        self.gen_a, self.gen_b = (Generator(channels, w, ga, upsample, down), Generator(channels, w, ga, upsample, down))
         self.dis_a, self.dis_b = Discriminator(channels, w, da), Discriminator(channels, w, da)
         if sn:
             apply_spectral_norm(self)
 
     def encode(self, x, domain):
-        """mu of q(z|x): (B, 8w, H/4, W/4)."""
+        """mu of q(z|x): (B, 8w, H/4, W/4) (H/2, W/2 with down=1)."""
         return self.enc_shared((self.enc_a if domain == "a" else self.enc_b)(x))
 
     def decode(self, z, domain):
@@ -206,8 +214,9 @@ class UNIT(nn.Module):
         return mu + (torch.randn_like(mu) if noise is None else noise)
 
     def code_shape(self, x):
-        """Shape of the latent code of images x (B, ch, H, W): (B, 8w, H/4, W/4)."""
-        return (x.shape[0], 8 * self.width, x.shape[2] // 4, x.shape[3] // 4)
+        """Shape of the latent code of images x (B, ch, H, W): (B, 8w, H/4, W/4) (H/2, W/2 with down=1)."""
+        f = 2 ** self.down
+        return (x.shape[0], 8 * self.width, x.shape[2] // f, x.shape[3] // f)
 
     def cycle(self, x_a, x_b, noise=(None,) * 4):
         """The passes of a generator step: both VAEs (x -> z -> x), both translations and both

@@ -11,19 +11,24 @@ compare a run folder's checkpoint config with the one they plan before they reus
 """
 
 # (config key, its default: left out of the name, the word in the run-folder name, the word in the label);
-# None = the value itself, e.g. --gan-loss lsgan -> "lsgan" / "lsgan loss"
+# None = the value itself, e.g. --gan-loss lsgan -> "lsgan" / "lsgan loss"; "{}" in a word: the value there
 PARTS = [
     ("sn", False, "sn", "+SN"),
     ("charbonnier", False, "cl", "+CL"),
     ("channels", 1, "rgb", "RGB"),
     ("upsample", "deconv", "resize", "resize-upsampling"),
     ("gan_loss", "bce", None, None),
+    ("down", 2, "down{}", "latent at H/2"),
+    ("w_paired", 0.0, "paired{}", "+paired L1 x{} (supervised)"),
 ]
 
 
 def _changed(cfg):
-    """(value, word, words) of each PARTS setting that differs from its default, in PARTS order."""
-    return [(cfg[key], word, words) for key, default, word, words in PARTS if cfg[key] != default]
+    """(value, word, words) of each PARTS setting that differs from its default, in PARTS order, with the value
+    written into a word that has "{}" (floats as %g: paired100)."""
+    put = lambda w, v: w.replace("{}", f"{v:g}" if isinstance(v, float) else str(v)) if w else w
+    return [(cfg[key], put(word, cfg[key]), put(words, cfg[key])) for key, default, word, words in PARTS
+            if cfg[key] != default]
 
 
 def name(cfg):
