@@ -47,7 +47,7 @@ from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
 from unit.evaluation import evaluate, figure_slices, from_model, has_brain_mask, reference_scores, to_model
 from unit.io import Appender, WriteError, copy_file, failure, lock_folder, release, write_png, write_text
-from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss
+from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss, structure_loss
 from unit.model import DOWN_CHOICES, UPSAMPLE_CHOICES, attn_arg
 from unit.nifti import LAYOUT_MASK_RULE
 from unit.progress import Progress
@@ -86,6 +86,9 @@ class Config:
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
     w_kl_cyc: float = opt(0.1, "weight of the KL terms of the cycle codes")
     w_cyc: float = opt(100.0, "weight of cycle reconstruction x_aba ~ x_a, x_bab ~ x_b")
+    w_struct: float = opt(0.0, "weight of a structure term: 1 - squared local correlation of each translation with its "
+                               "own input (x_ab with x_a, x_ba with x_b; sign-free, no target), so edges survive "
+                               "translation (0 = UNIT as published)")
     w_paired: float = opt(0.0, "weight of a supervised term, L1 of x_ab against the real x_b and of x_ba against x_a "
                                "(needs paired data; batches are then drawn paired): a ceiling for reference, not "
                                "UNIT, which never sees a pair (0 = UNIT as published)")
@@ -125,11 +128,13 @@ class Config:
 # - real scans (--data prepared from NIfTI, e.g. BraTS at 2 mm, 112x96): resize upsampling (no checkerboard),
 #   batch 2 and a learning rate of 6e-4 for G and 4x that for D (the discriminators barely learned at the
 #   phantom's settings), both rates falling linearly to 0 over the second half (CycleGAN's schedule: the last
-#   checkpoint varied less between seeds), 3300 steps (21-25 min at 2.2-2.6 it/s), and a time guard that ends
-#   a slower machine's run at 28 minutes, so a run takes at most ~30.
+#   checkpoint varied less between seeds), a latent at H/2 (--down 1: translations keep more detail, at 2.3x
+#   the time of a step), the structure term (--w-struct 30: translations keep their input's edges), 1800 steps
+#   (~25 min at ~1.25 it/s, its evaluation included), and a time guard that ends a slower machine's run at
+#   28 minutes, so a run takes at most ~30. Chosen on the benchmark's validation patients (issue 24; docs/realmri.md).
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2, save_minutes=10.0)
-CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize",
-                        max_steps=3300, max_minutes=28.0, eval_every=1, save_minutes=10.0)
+CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize", down=1,
+                        w_struct=30.0, max_steps=1800, max_minutes=28.0, eval_every=1, save_minutes=10.0)
 
 def data_meta(path):
     """meta.json of a prepared dataset ({"source": "brats", "paired": true, ...}), or {} when it cannot be read
@@ -400,7 +405,7 @@ def set_requires_grad(params, flag):
         p.requires_grad_(flag)
 
 
-LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl", "kl_cyc", "paired")
+LOSS_NAMES = ("D", "G", "gan", "rec", "cyc", "kl", "kl_cyc", "struct", "paired")
 
 
 def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
@@ -438,16 +443,21 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     loss_rec = rec(o["x_aa"], x_a) + rec(o["x_bb"], x_b)
     loss_kl_cyc = kl_loss(o["mu_ab"]) + kl_loss(o["mu_ba"])
     loss_cyc = rec(o["x_aba"], x_a) + rec(o["x_bab"], x_b)
+    # --w-struct only: each translation keeps its input's local structure, whatever the contrast
+    loss_struct = (structure_loss(o["x_ab"], x_a) + structure_loss(o["x_ba"], x_b) if cfg["w_struct"] else
+                   torch.zeros((), device=x_a.device))
     # --w-paired only (a supervised reference; x_a, x_b are then pairs): the translations against the real images
     loss_paired = (l1_loss(o["x_ab"], x_b) + l1_loss(o["x_ba"], x_a) if cfg["w_paired"] else
                    torch.zeros((), device=x_a.device))
     loss_g = (cfg["w_gan"] * loss_gan + cfg["w_kl"] * loss_kl + cfg["w_rec"] * loss_rec +
-              cfg["w_kl_cyc"] * loss_kl_cyc + cfg["w_cyc"] * loss_cyc + cfg["w_paired"] * loss_paired)
+              cfg["w_kl_cyc"] * loss_kl_cyc + cfg["w_cyc"] * loss_cyc + cfg["w_struct"] * loss_struct +
+              cfg["w_paired"] * loss_paired)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
     set_requires_grad(model.discriminator_params(), True)
-    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl, loss_kl_cyc, loss_paired]).detach()
+    return torch.stack([loss_d, loss_g, loss_gan, loss_rec, loss_cyc, loss_kl, loss_kl_cyc, loss_struct,
+                        loss_paired]).detach()
 
 
 def lr_factor(step, total, decay):

@@ -3,12 +3,13 @@ functions."""
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from train import LOSS_NAMES, Config, make_optimizers, train_step
 from unit.attention import SelfAttention
-from unit.losses import charbonnier_loss, d_loss, g_loss, gan_loss, kl_loss, l1_loss
+from unit.losses import STRUCT_EPS, charbonnier_loss, d_loss, g_loss, gan_loss, kl_loss, l1_loss, structure_loss
 from unit.model import PLACES, UNIT, attn_name, attn_places
 
 def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
@@ -142,6 +143,30 @@ def test_losses_against_hand_computed_values():
         d_loss(rt, ft, "wgan")
 
 
+def test_structure_loss_against_a_float64_recomputation():
+    """1 - mean rho^2 with rho^2 = cov^2 / (var var + eps) in SSIM's 11x11 Gaussian window (sigma 1.5) over the valid
+    pixels, recomputed here with scipy's Gaussian filter in float64; 0 for any affine map of the input, inverted
+    contrast included, and near 1 for unrelated noise."""
+    from scipy import ndimage
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 40, generator=g) * 2 - 1
+    y = (0.6 * x - 0.5 * torch.rand(2, 1, 32, 40, generator=g)).clamp(-1, 1)     # related, not affine
+    def reference(a, b):
+        out = []
+        for a2, b2 in zip((a.numpy()[:, 0] + 1) / 2, (b.numpy()[:, 0] + 1) / 2):
+            f = lambda v: ndimage.gaussian_filter(v.astype(np.float64), 1.5, truncate=5 / 1.5)[5:-5, 5:-5]
+            ma, mb = f(a2), f(b2)
+            va, vb, cab = f(a2 * a2) - ma * ma, f(b2 * b2) - mb * mb, f(a2 * b2) - ma * mb
+            out.append(cab ** 2 / (va * vb + STRUCT_EPS))
+        return 1 - np.mean(out)
+    assert structure_loss(x, y).item() == pytest.approx(reference(x, y), abs=1e-5)
+    assert 0.05 < structure_loss(x, y).item() < 0.9                # partly related: between
+    assert structure_loss(x, -x).item() < 1e-3 and structure_loss(x, 0.3 * x + 0.2).item() < 1e-3
+    assert structure_loss(x, torch.rand(2, 1, 32, 40, generator=g) * 2 - 1).item() > 0.9
+    x3 = x.expand(2, 3, 32, 40)                                    # RGB: the channels' mean
+    assert structure_loss(x3, y).item() == pytest.approx(structure_loss(x, y).item(), abs=1e-6)
+
+
 def _with_backend(monkeypatch, name):
     import unit.backends as A
     monkeypatch.setenv("UNIT_ATTN", name)
@@ -240,7 +265,7 @@ def test_resize_upsampling_with_sn_and_attention_round_trips(attn, tmp_path):
     y = m.translate(x, "a")
     assert y.shape == x.shape
     assert isinstance(m.gen_a.net[5], SelfAttention)                   # after the first upsampling, as deconv
-    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize"}
+    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2}
     m2 = checkpoint.build_model(cfg).eval()
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.translate(x, "a"), y)

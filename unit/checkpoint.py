@@ -32,7 +32,7 @@ VERSION = 1
 # made before it did (which need not be today's default). A new Config field goes here too.
 ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
               "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0,
-              "down": 2, "w_paired": 0.0}
+              "down": 2, "w_paired": 0.0, "w_struct": 0.0}
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False, saved_by=None):

@@ -7,6 +7,8 @@ The GAN terms come in three kinds (--gan-loss), on discriminator logits (no sigm
   lsgan  least squares (Mao et al. 2017), as in UNIT's released code: (real - 1)^2 + fake^2 for D,
          (fake - 1)^2 for G
   hinge  SAGAN's (Zhang et al. 2018): relu(1 - real) + relu(1 + fake) for D, -fake for G
+
+structure_loss is not UNIT's: an opt-in term (--w-struct) that compares a translation with its own input.
 """
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,23 @@ def l1_loss(x, y):
 def charbonnier_loss(x, y, eps=1e-3):
     """Charbonnier penalty rho(r) = sqrt(r^2 + eps^2), averaged: a smooth L1."""
     return torch.sqrt((x.float() - y.float()).pow(2) + eps * eps).mean()
+
+
+# the floor of the local variances' product in structure_loss: SSIM's C3 = (K2 * range)^2 / 2 for a range of 1,
+# squared, as the product is of two variances
+STRUCT_EPS = (0.03 ** 2 / 2) ** 2
+
+
+def structure_loss(x, y):
+    """1 - the mean squared local correlation of x and y (B, ch, H, W) in [-1, 1] (channels averaged): within
+    SSIM's 11x11 Gaussian window at each pixel, rho^2 = cov(x, y)^2 / (var(x) var(y) + eps), on [0, 1] intensities.
+    rho^2 is 1 where y is any affine function of x in the window, inverted contrast included (T1w and T2w), and 0
+    where they are unrelated or x is flat (there it has no gradient: the zero background costs a constant). A
+    term that asks a translation to keep its input's edges, whatever their contrast (as the squared NCC of
+    registration does), with no target."""
+    from unit.metrics import local_stats
+    x = (x.float().mean(1, keepdim=True) + 1) / 2
+    y = (y.float().mean(1, keepdim=True) + 1) / 2
+    _, _, vx, vy, cxy = local_stats(x, y)
+    rho2 = cxy * cxy / (vx.clamp_min(0) * vy.clamp_min(0) + STRUCT_EPS)
+    return 1 - rho2.mean()

@@ -25,14 +25,18 @@ def _blur(x, g):
     return F.conv2d(x, g.view(1, 1, 1, WIN))
 
 
+def local_stats(x, y):
+    """The Gaussian-window (SSIM's) local means, variances and covariance of x, y (B, 1, H, W) over the valid
+    region: (mx, my, vx, vy, cxy), each (B, 1, H-10, W-10), in x's dtype."""
+    g = _gaussian_window(x.device, x.dtype)
+    mx, my = _blur(x, g), _blur(y, g)
+    return mx, my, _blur(x * x, g) - mx * mx, _blur(y * y, g) - my * my, _blur(x * y, g) - mx * my
+
+
 def ssim_map(x, y):
     """Per-pixel SSIM over the valid region. x, y: (B, H, W) in [0, 1] -> (B, H-10, W-10)."""
     x, y = x.unsqueeze(1).double(), y.unsqueeze(1).double()   # float64: no cancellation issues
-    g = _gaussian_window(x.device, x.dtype)
-    mx, my = _blur(x, g), _blur(y, g)
-    vx = _blur(x * x, g) - mx * mx
-    vy = _blur(y * y, g) - my * my
-    cxy = _blur(x * y, g) - mx * my
+    mx, my, vx, vy, cxy = local_stats(x, y)
     c1, c2 = K1 ** 2, K2 ** 2                                   # data range 1
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.squeeze(1)
