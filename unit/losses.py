@@ -13,6 +13,8 @@ structure_loss is not UNIT's: an opt-in term (--w-struct) that compares a transl
 import torch
 import torch.nn.functional as F
 
+from unit.metrics import local_stats
+
 GAN_LOSSES = ("bce", "lsgan", "hinge")
 
 
@@ -74,7 +76,6 @@ def structure_loss(x, y):
     where they are unrelated or x is flat (there it has no gradient: the zero background costs a constant). A
     term that asks a translation to keep its input's edges, whatever their contrast (as the squared NCC of
     registration does), with no target."""
-    from unit.metrics import local_stats
     x = (x.float().mean(1, keepdim=True) + 1) / 2
     y = (y.float().mean(1, keepdim=True) + 1) / 2
     _, _, vx, vy, cxy = local_stats(x, y)
