@@ -15,8 +15,9 @@ oracle row (its noiseless targets scored against the noisy ones: the ceiling of 
 model's SSIM as a fraction of it. Everything the model needs comes from the checkpoint.
 
 With several checkpoints, all are scored on the same test slices, one row each, and every row after
-the first also gets its paired difference to the first per metric, with a 95% percentile bootstrap
-interval resampling test *subjects* (their slices are not independent), 2000 resamples, seed 0.
+the first also gets its paired difference to the first per metric, with a 95% t-interval over test
+*subjects* (their slices are not independent); every model is also given against the strongest
+reference row (identity, inverted input, intensity LUT) per brain metric.
 
 --figure draws, for a few test subjects (--subjects, or 3 drawn with seed 0), the input, each
 checkpoint's translation with its SSIM and the real target in both directions, with the absolute

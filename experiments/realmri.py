@@ -1,6 +1,7 @@
 """The real-data benchmark in one command: BraTS 2018 patients prepared at 2 mm with the committed split
-(experiments/realmri-split.json: 24 train, 6 test), train.py run for each seed, and one markdown table of
-the test patients' scores, brain first, with 95% bootstrap intervals over them, to OUT/realmri.md.
+(experiments/realmri-split.json: 20 train, 4 validation, 6 test), train.py run for each seed, and one markdown
+table of the test patients' scores (or, --score val, the validation patients', where choices are made), brain
+first, reference rows first, with 95% t-intervals over patients, to OUT/realmri.md.
 
     python experiments/realmri.py /path/to/BraTS2018/training           # the CPU preset (or the GPU's
                                                                          # defaults), seeds 0 and 1
