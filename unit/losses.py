@@ -13,7 +13,7 @@ structure_loss is not UNIT's: an opt-in term (--w-struct) that compares a transl
 import torch
 import torch.nn.functional as F
 
-from unit.metrics import local_stats
+from unit.metrics import K2, local_stats
 
 GAN_LOSSES = ("bce", "lsgan", "hinge")
 
@@ -66,7 +66,7 @@ def charbonnier_loss(x, y, eps=1e-3):
 
 # the floor of the local variances' product in structure_loss: SSIM's C3 = (K2 * range)^2 / 2 for a range of 1,
 # squared, as the product is of two variances
-STRUCT_EPS = (0.03 ** 2 / 2) ** 2
+STRUCT_EPS = (K2 ** 2 / 2) ** 2
 
 
 def structure_loss(x, y):
