@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from unit.attention import attention_reference as naive_attention
+from unit.backends import attention_reference as naive_attention
 from unit.backends import CPU_MARGIN, attention_sdpa
 from unit.hardware import machine
 from unit.model import attn_arg

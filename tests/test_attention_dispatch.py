@@ -59,7 +59,7 @@ def test_sdpa_matches_the_reference():
 
 FAKE_OPS = textwrap.dedent("""
     import ctypes, torch
-    from unit.attention import attention_reference
+    from unit.backends import attention_reference
     def crashing(q, k, v):
         ctypes.string_at(0)  # reads address 0: SIGSEGV, as an illegal address would end a CUDA process
     def wrong(q, k, v):

@@ -240,7 +240,7 @@ def test_cpu_autocast_runs_the_op_in_float32(op):
 def test_reference_softmax_is_float32_under_autocast():
     # unit.attention.attention_reference under a CPU bf16 autocast: bmm in bf16 (autocast's choice),
     # the softmax statistics in float32; the result is within bf16 tolerance of float64
-    from unit.attention import attention_reference
+    from unit.backends import attention_reference
     q, k, v, go = make_inputs(2, 8, 16, 3 * T, dtype=torch.float32)
     with torch.autocast("cpu", torch.bfloat16):
         o = attention_reference(q, k, v)

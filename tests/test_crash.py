@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import train
+import unit.figures
 from unit import UserError, checkpoint
+from unit.runs import Diverged
 from unit.data import load_prepared, prepare_phantom, write_prepared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +96,7 @@ def test_a_dataset_without_a_test_split_trains_and_evaluate_says_what_to_pass(da
 
 @pytest.mark.parametrize("where", ["evaluate", "write_png"])
 def test_an_exception_in_evaluation_or_the_sample_grid_costs_no_step(data, tmp_path, monkeypatch, capsys, where):
-    monkeypatch.setattr(train, where, boom)
+    monkeypatch.setattr(train if where == "evaluate" else unit.figures, where, boom)
     out = tmp_path / "run"
     assert train.main(["--data", data, "--out", str(out), *TINY, "--eval-every", "1", "--max-steps", "6"]) == 0
     what = "the evaluation" if where == "evaluate" else "the sample grid"
@@ -182,7 +184,7 @@ def test_a_nan_loss_stops_the_run_without_saving_over_the_last_good_checkpoint(d
     monkeypatch.setattr(train, "l1_loss", nth_call(train.l1_loss, 17, lambda x, y: torch.tensor(float("nan"))))
     out = tmp_path / "run"
     argv = ["--data", data, "--out", str(out), *TINY, "--eval-every", "0", "--max-steps", "6", "--save-minutes", "1e-9"]
-    with pytest.raises(train.Diverged) as e:
+    with pytest.raises(Diverged) as e:
         train.main(argv)
     assert e.value.status == 1
     assert str(e.value) == (f"non-finite loss at step 5 (G = nan, rec = nan); stopped without saving, so the last "
@@ -208,7 +210,7 @@ def test_nan_weights_behind_a_finite_loss_are_never_saved(data, tmp_path, monkey
     poisoned.calls = 0
     monkeypatch.setattr(train, "train_step", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(train.Diverged, match=f"the weights hold NaN/Inf after step 2 although no logged loss did; "
+    with pytest.raises(Diverged, match=f"the weights hold NaN/Inf after step 2 although no logged loss did; "
                                              f"stopped without saving them, so the last checkpoint is {out}/ckpt.pt "
                                              f"at step 1"):
         train.main(["--data", data, "--out", str(out), *TINY, "--eval-every", "0", "--max-steps", "6",

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import train_tiny
 
-from unit.attention import SelfAttention, attention_reference, attention_weights
+from unit.attention import SelfAttention, attention_weights
+from unit.backends import attention_reference
 from unit.data import prepare_phantom
 from unit.figures import (MAGMA, PAPER, attention_figure, colormap, label_width, scale_for, spectrum_figure,
                           translation_figure)

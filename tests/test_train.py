@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from unit import checkpoint
+from unit import checkpoint, presets, sampling
 from unit.data import prepare_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,7 +164,7 @@ def test_evaluate_refuses_unpaired_data_with_the_reason(tiny_data, tmp_path):
 
 def test_config_precedence_flags_over_cpu_preset_over_defaults():
     cfg, _, note = train.resolve_config({"width": 16}, full=False, resume=None)
-    assert cfg["width"] == 16 and cfg["batch_size"] == train.CPU_PRESET["batch_size"] and cfg["device"] == "cpu"
+    assert cfg["width"] == 16 and cfg["batch_size"] == presets.CPU_PRESET["batch_size"] and cfg["device"] == "cpu"
     assert "size=96x80" in note and "width" not in note        # the note lists what the preset set
     # with --data the prepared slices decide the size, so the note does not claim the preset's
     _, _, note = train.resolve_config({"data": "d"}, full=False, resume=None)
@@ -180,21 +180,21 @@ def test_real_scans_get_their_own_cpu_preset(tiny_data, tmp_path):
     z = np.zeros((4, 64, 64), np.float16)
     scans = write_prepared(str(tmp_path / "brats"), z, z, z, z, {"source": "brats", "layout": "brats", "seed": 0})
     cfg, _, note = train.resolve_config({"data": scans, "lr": 1e-3}, full=False, resume=None)
-    assert {k: cfg[k] for k in train.CPU_PRESET_SCANS if k != "lr"} == \
-        {k: v for k, v in train.CPU_PRESET_SCANS.items() if k != "lr"} and cfg["lr"] == 1e-3
+    assert {k: cfg[k] for k in presets.CPU_PRESET_SCANS if k != "lr"} == \
+        {k: v for k, v in presets.CPU_PRESET_SCANS.items() if k != "lr"} and cfg["lr"] == 1e-3
     assert "preset for real scans" in note and "lr=" not in note.replace("lr_d=", "")
     cfg, _, note = train.resolve_config({"data": tiny_data}, full=False, resume=None)   # the phantom's
-    assert cfg["batch_size"] == train.CPU_PRESET["batch_size"] and "preset for the phantom" in note
+    assert cfg["batch_size"] == presets.CPU_PRESET["batch_size"] and "preset for the phantom" in note
 
 
 def test_batch_order_is_a_function_of_seed_epoch_domain():
     import numpy as np
-    a = train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a")
+    a = sampling.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a")
     assert a.shape == (4, 2) and len(set(a.ravel())) == 8 and a.max() < 10      # no slice twice per epoch
-    assert np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a"))
-    assert not np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=3, domain="b"))
-    assert not np.array_equal(a, train.batch_indices(10, 4, 2, seed=0, epoch=4, domain="a"))
-    b = train.batch_indices(25, 4, 2, seed=0, epoch=0, domain="b")              # unpaired: more B slices
+    assert np.array_equal(a, sampling.batch_indices(10, 4, 2, seed=0, epoch=3, domain="a"))
+    assert not np.array_equal(a, sampling.batch_indices(10, 4, 2, seed=0, epoch=3, domain="b"))
+    assert not np.array_equal(a, sampling.batch_indices(10, 4, 2, seed=0, epoch=4, domain="a"))
+    b = sampling.batch_indices(25, 4, 2, seed=0, epoch=0, domain="b")              # unpaired: more B slices
     assert b.max() < 25 and len(set(b.ravel())) == 8
 
 
@@ -244,7 +244,7 @@ def test_cuda_step_never_waits_for_the_gpu(amp):
 
     def step(i):
         x_a, x_b = to_model(images[:2], 1, "cuda", non_blocking=True), to_model(images[2:], 1, "cuda", non_blocking=True)
-        noise = lambda k: train.latent_noise(gen, 0, i, k, shape, 0)
+        noise = lambda k: sampling.latent_noise(gen, 0, i, k, shape, 0)
         return train.train_step(model, model.generator_side(), model.discriminator_side(), opt_g, opt_d, x_a, x_b,
                                 noise, cfg)
 
@@ -289,8 +289,8 @@ def test_brain_slices_resume_exactly(tmp_path):
     d = load_prepared(data)
     area = np.asarray(d.train_mask).reshape(len(d.train_mask), -1).mean(1)
     t = float(np.sort(area)[len(area) // 2])                          # half of the slices have at least this much
-    assert np.array_equal(train.train_slices(d, t, "t1"), np.flatnonzero(area >= t))
-    assert np.array_equal(train.train_slices(d, 0, "t2"), np.arange(len(area)))
+    assert np.array_equal(sampling.train_slices(d, t, "t1"), np.flatnonzero(area >= t))
+    assert np.array_equal(sampling.train_slices(d, 0, "t2"), np.arange(len(area)))
     flags = ["--data", data, "--min-brain", str(t), *TINY, "--eval-every", "0"]
     a, b = tmp_path / "straight", tmp_path / "resumed"
     r = run("train.py", *flags, "--out", str(a), "--max-steps", "2")

@@ -1,31 +1,20 @@
-"""SAGAN self-attention (Zhang et al. 2018) as the model sees it: the block, the readable definition of
-the op it runs on, and a hook that records where chosen points attend (evaluate.py --attention-maps).
+"""SAGAN self-attention (Zhang et al. 2018) as the model sees it: the block, and a hook that records where
+chosen points attend (evaluate.py --attention-maps). The op the block runs:
 
     attention(q, k, v) = v . softmax_keys(q^T k), no 1/sqrt(d) scale
     q, k: (B, d, N)   v: (B, c, N)   ->   o: (B, c, N)
 
-attention_reference() is the definition. Which implementation runs it inside the model (this reference,
-torch's SDPA or the fused C++/CUDA op of csrc/) is unit/backends.py's business (UNIT_ATTN=auto | naive |
-sdpa | fused); every implementation is tested against the reference.
+The op's readable definition, attention_reference(), and the choice of the implementation that runs it inside
+the model (that reference, torch's SDPA or the fused C++/CUDA op of csrc/; UNIT_ATTN=auto | naive | sdpa |
+fused) are unit/backends.py's; every implementation is tested against the reference. The imports go one
+way: this module imports unit/backends.py, which imports nothing of it.
 """
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-
-def attention_reference(q, k, v):
-    """Plain PyTorch: holds the full (B, N, N) attention matrix. The definition, not the fast path."""
-    s = torch.bmm(q.transpose(1, 2), k)            # (B, N, N): s[b, i, j] = q_i . k_j
-    # softmax over keys j, for each query i; its statistics in at least fp32 (bf16 under autocast)
-    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
-    return torch.bmm(v, p.transpose(1, 2))         # (B, c, N): o_i = sum_j p_ij v_j
-
-
-def attention(q, k, v):
-    """o = v . softmax_keys(q^T k), computed by the implementation unit/backends.py picks (UNIT_ATTN)."""
-    from unit.backends import attention as run    # imported here: unit/backends.py imports this module
-    return run(q, k, v)
+from unit import backends
 
 
 class SelfAttention(nn.Module):
@@ -48,7 +37,7 @@ class SelfAttention(nn.Module):
         q = self.g(x).flatten(2)                     # (B, C/8, N), N = H*W
         k = self.f(x).flatten(2)                     # (B, C/8, N)
         v = self.h(x).flatten(2)                     # (B, C, N)
-        o = attention(q.contiguous(), k.contiguous(), v.contiguous())
+        o = backends.attention(q.contiguous(), k.contiguous(), v.contiguous())   # the op, UNIT_ATTN's implementation
         return self.gamma * o.view(B, C, H, W) + x
 
     def weights(self, x, queries):

@@ -1,10 +1,10 @@
 """Which implementation of the attention op runs: UNIT_ATTN, the self-check, its cache, the fallback.
 
-    attention(q, k, v) = v . softmax_keys(q^T k), no 1/sqrt(d) scale   (unit/attention.py defines it)
+    attention(q, k, v) = v . softmax_keys(q^T k), no 1/sqrt(d) scale   (attention_reference() defines it)
     q, k: (B, d, N)   v: (B, c, N)   ->   o: (B, c, N)
 
 Backends, chosen with UNIT_ATTN=auto (default) | naive | sdpa | fused:
-  naive  unit.attention.attention_reference(): bmm + softmax + bmm. The readable definition that every
+  naive  attention_reference(): bmm + softmax + bmm. The readable definition that every
          other path is tested against; holds the (B, N, N) matrix.
   sdpa   attention_sdpa(): torch's scaled_dot_product_attention(scale=1.0) on the transposed
          tensors. On CUDA its memory-efficient kernel needs O(N) memory and accepts d_v != d_qk; on
@@ -43,10 +43,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unit.attention import attention_reference
-
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("auto", "naive", "sdpa", "fused")
+
+
+def attention_reference(q, k, v):
+    """Plain PyTorch: holds the full (B, N, N) attention matrix. The definition, not the fast path."""
+    s = torch.bmm(q.transpose(1, 2), k)            # (B, N, N): s[b, i, j] = q_i . k_j
+    # softmax over keys j, for each query i; its statistics in at least fp32 (bf16 under autocast)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
+    return torch.bmm(v, p.transpose(1, 2))         # (B, c, N): o_i = sum_j p_ij v_j
 
 
 def attention_sdpa(q, k, v):

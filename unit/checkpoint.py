@@ -67,6 +67,18 @@ def load(path, map_location="cpu"):
     return ckpt
 
 
+def restore(ckpt, model, opt_g, opt_d, device):
+    """Put a loaded checkpoint's weights, optimiser states and RNG states (torch's; CUDA's on a GPU) back, so that
+    training goes on exactly where it stopped; returns its step."""
+    model.load_state_dict(ckpt["model"])
+    opt_g.load_state_dict(ckpt["opt_g"])
+    opt_d.load_state_dict(ckpt["opt_d"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.startswith("cuda") and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
     return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"],

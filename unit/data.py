@@ -109,19 +109,7 @@ def load_prepared(path) -> Prepared:
     for name in FILES:
         if not (p / name).is_file():
             raise DataError(f"{p / name} is missing, so {p} is not a complete prepared dataset; {redo}.")
-    try:
-        meta = json.loads((p / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{p / 'meta.json'} cannot be parsed ({e}); {redo}.") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{p / 'meta.json'} does not hold a JSON object; {redo}.")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise DataError(f"{p / 'meta.json'} lacks the keys {missing} (another program or version "
-                        f"wrote it); {redo}.")
-    if meta["version"] != VERSION:
-        raise DataError(f"{p / 'meta.json'} has format version {meta['version']!r}, this code reads "
-                        f"version {VERSION}; {redo}.")
+    meta = _read_meta(p, redo)
     try:
         H, W = (int(v) for v in meta["shape"])
     except (TypeError, ValueError):
@@ -155,6 +143,31 @@ def load_prepared(path) -> Prepared:
     clean = {n[:-4]: load(n, "f") if (p / n).is_file() else None for n in CLEAN_FILES}
     if (clean["test_t1_clean"] is None) != (clean["test_t2_clean"] is None):
         raise DataError(f"{p} has only one of {' and '.join(CLEAN_FILES)}; {redo}.")
+    _check_counts(p, meta, splits, arrays, masks, clean, redo)
+    return Prepared(str(p), meta, **arrays, **masks, **clean)
+
+
+def _read_meta(p, redo):
+    """meta.json of the prepared dataset in folder p, checked: a JSON object of this VERSION with every META_KEYS."""
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{p / 'meta.json'} cannot be parsed ({e}); {redo}.") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{p / 'meta.json'} does not hold a JSON object; {redo}.")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise DataError(f"{p / 'meta.json'} lacks the keys {missing} (another program or version "
+                        f"wrote it); {redo}.")
+    if meta["version"] != VERSION:
+        raise DataError(f"{p / 'meta.json'} has format version {meta['version']!r}, this code reads "
+                        f"version {VERSION}; {redo}.")
+    return meta
+
+
+def _check_counts(p, meta, splits, arrays, masks, clean, redo):
+    """Each split's arrays agree with each other and with meta.json: slice counts, one subject per slice, masks for
+    all splits or none, the noiseless test targets beside the test split."""
     for split in splits:
         t1, t2 = arrays[f"{split}_t1"], arrays[f"{split}_t2"]
         n = meta.get(f"n_{split}")
@@ -183,7 +196,6 @@ def load_prepared(path) -> Prepared:
         if c is not None and c.shape[0] != arrays["test_t1"].shape[0]:
             raise DataError(f"{p / (n + '.npy')} has {c.shape[0]} slices but test_t1.npy has "
                             f"{arrays['test_t1'].shape[0]}; {redo}.")
-    return Prepared(str(p), meta, **arrays, **masks, **clean)
 
 
 # ----------------------------------------------------------------------------------------

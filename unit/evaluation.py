@@ -252,6 +252,26 @@ def strongest_reference(refs, c, k):
     return max(rows, key=lambda r: refs[r][c][k] if higher else -refs[r][c][k])
 
 
+def eval_split(cfg, data, say):
+    """The split train.py's per-epoch evaluation scores, and whether it can: the validation split when there is one
+    (choices are made there, and the test split is left for the report), else the test split; it needs paired
+    slices there. Says so when it cannot, or when it is the validation split."""
+    split = "val" if data.has("val") else "test"
+    scored = data.paired and data.has(split)
+    if cfg["eval_every"] and not data.paired:
+        say(f"note: {cfg['data']} is not paired (meta.json: paired=false), so the per-epoch evaluation is skipped "
+            f"(translated slices have no pixel-aligned ground truth, as evaluate.py says); sample grids are still "
+            f"written and show unpaired test slices")
+    elif cfg["eval_every"] and not scored:
+        say(f"note: {cfg['data']} has no test slices (its split lists no test subject), so the per-epoch evaluation "
+            f"is skipped; sample grids show training slices, and evaluate.py --data DIR scores the checkpoints on a "
+            f"dataset with a test split")
+    elif cfg["eval_every"] and split == "val":
+        say(f"note: {cfg['data']} has a validation split: the per-epoch evaluation and the sample grids use its "
+            f"{len(data.val_t1)} slices, not the test split's")
+    return split, scored
+
+
 def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test"):
     """Scores for 'T1' (b->a vs real a) and 'T2' (a->b vs real b) on the test split (or split="val"), in
     float32 (no autocast: the number a paper reports), as means over its subjects (subject_scores: a subject

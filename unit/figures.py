@@ -1,12 +1,15 @@
-"""Figures with Pillow only (no matplotlib): the qualitative comparison of evaluate.py --figure and
-the attention maps of evaluate.py --attention-maps. Images come in as (H, W) arrays in [0, 1].
+"""Figures with Pillow only (no matplotlib): the qualitative comparison of evaluate.py --figure,
+the attention maps of evaluate.py --attention-maps and train.py's sample grids (sample_grid). Images
+come in as (H, W) arrays in [0, 1].
 
 Colour scale of error maps and attention heat-maps: a five-stop approximation of matplotlib's
 "magma" (black -> purple -> red -> orange -> pale yellow), linear between the stops.
 """
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from unit.evaluation import figure_slices, from_model, to_model
 from unit.io import write_png
 
 MAGMA = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
@@ -191,3 +194,23 @@ def spectrum_figure(path, rows, names, n, lo=-8.0, hi=-2.0):
             sheet.put(i, j + 1, cell(spec), f"checkerboard {q:.4f}", bottom=True)
     sheet.colorbar(f"energy share per frequency bin, mean of {n} test slices", f"1e{lo:g}", f"1e{hi:g}")
     sheet.save(path)
+
+
+def sample_grid(model, data, cfg, path, n=4, split="test"):
+    """PNG: rows x_a, x_ab, x_aba, x_b, x_ba, x_bab for n slices of split (model in eval mode): the slice with
+    the most brain of n of its subjects drawn with seed 0, the same at every epoch so grids compare. A dataset
+    without slices there shows training slices, chosen the same way."""
+    split = split if data.has(split) else "train"
+    t1, t2 = getattr(data, f"{split}_t1"), getattr(data, f"{split}_t2")
+    idx = figure_slices(data, len(t1), k=n, seed=0, split=split)
+    idx_b = [i % len(t2) for i in idx]                      # unpaired data may have fewer T2 slices
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        dev, ch = next(model.parameters()).device, cfg["channels"]
+        x_a, x_b = to_model(t1[idx], ch, dev), to_model(t2[idx_b], ch, dev)
+        x_ab, x_ba = model.translate(x_a, "a"), model.translate(x_b, "b")
+        rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
+        grid = torch.cat([torch.cat(list(from_model(r)), dim=1) for r in rows], dim=0)
+    model.train(was)
+    write_png(path, Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)))

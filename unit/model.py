@@ -34,6 +34,12 @@ PLACE_OF = {"enc_a": "encoder T1w", "enc_b": "encoder T2w", "gen_a": "generator 
             "dis_a": "discriminator T1w", "dis_b": "discriminator T2w"}
 
 
+def size_ok(h, w):
+    """The model halves the image twice and its discriminator five times: sides must be multiples
+    of 4 (so the generator gives the input size back) and at least 64."""
+    return h % 4 == 0 and w % 4 == 0 and min(h, w) >= 64
+
+
 def place_of(layer):
     """The place of a UNIT layer from its name in named_modules(): 'dis_b.net.6' -> 'discriminator T2w'."""
     return PLACE_OF[layer.split(".")[0]]

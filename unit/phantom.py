@@ -199,7 +199,51 @@ def _draw_subject(rng):
 # one slice: tissue fractions (K, H, W)
 
 
+VENTRICLE_Y = (-32.0, 30.0)                              # ventricle extent along y (reference brain, mm)
+
+
 def _fractions(S, rng, z, size):
+    """Tissue fractions (len(TISSUES), H, W), summing to 1, of subject S at level z in [0, 1] (bottom to top), on
+    an H x W grid: the head's coordinates, its per-angle radii, the distance to CSF (sulci, fissure), the deep
+    structures, then the fractions nested from the outside in."""
+    px, x, y, r, theta = _coordinates(S, size)
+    T, k, R_mean = _angle_tables(S, z, theta)
+    (R_head, R_skin, R_fat, R_dip_out, R_dip_in, R_skull_in, R_brain, thick,
+     pert, rate, bend, sylvian, midline_supp) = T
+    depth, d_s1, d_s2, hw, d_f, hw_f, dp, xm, sy, vs = _csf_distance(S, rng, z, px, x, y, r, theta, T, k, R_mean)
+    v, d_n = _deep_structures(S, z, px, x, y, xm, sy, vs)
+    H, W = size
+    f32 = np.float32
+    ip = f32(1.0 / px)
+
+    # ---- fractions, nested from the outside in (all in [0, 1], summing to 1)
+    f_head = _sat((R_head - r) * ip)
+    f_in_skin = _sat((R_skin - r) * ip)
+    f_in_fat = _sat((R_fat - r) * ip)
+    f_dip_out = _sat((R_dip_out - r) * ip)
+    f_dip_in = _sat((R_dip_in - r) * ip)
+    f_ic = _sat((R_skull_in - r) * ip)
+    # thin CSF bands (sulci, fissure) are capped at their width so sub-pixel ones stay faint
+    c_thin = np.maximum(np.maximum(_band(-d_s1 * ip, 2 * hw * ip), _band(-d_s2 * ip, 2 * hw * ip)),
+                        _band(-d_f * ip, 2 * hw_f * ip))
+    p = np.minimum(np.minimum(_sat(depth * ip), 1.0 - c_thin), f_ic)   # parenchyma
+    wr = np.minimum(_sat((dp - thick) * ip), p)          # deeper than the cortical ribbon
+    nuc = np.minimum(_sat(d_n * ip), 1.0 - v)
+    F = np.empty((len(TISSUES), H, W), f32)
+    F[LABEL["background"]] = 1.0 - f_head
+    F[LABEL["scalp"]] = f_head - f_in_skin
+    F[LABEL["fat"]] = (f_in_skin - f_in_fat) + (f_dip_out - f_dip_in)
+    F[LABEL["skull"]] = (f_in_fat - f_dip_out) + (f_dip_in - f_ic)
+    F[LABEL["csf"]] = f_ic - p + wr * v
+    F[LABEL["gm"]] = p - wr
+    F[LABEL["deep_gm"]] = wr * nuc
+    F[LABEL["wm"]] = wr * (1.0 - v - nuc)
+    return F
+
+
+def _coordinates(S, size):
+    """mm per pixel and the head's coordinates of every pixel (rotated, shifted, smoothly deformed): x, y, and
+    their polar r, theta, each (H, W) float32."""
     H, W = size
     px = max(FOV_MM[0] / H, FOV_MM[1] / W)             # mm per pixel
     f32 = np.float32
@@ -220,7 +264,13 @@ def _fractions(S, rng, z, size):
     y = y + dy
     r = np.sqrt(x * x + y * y)
     theta = np.arctan2(y, x)
+    return px, x, y, r, theta
 
+
+def _angle_tables(S, z, theta):
+    """The per-angle radii and folding parameters at level z, looked up for every pixel's theta: T (13, H, W) in the
+    order of _fractions' unpacking, the number of gyri k and the mean brain radius."""
+    f32 = np.float32
     # ---- per-angle tables (NTHETA,), then looked up per pixel (nearest bin)
     th = -np.pi + (np.arange(NTHETA) + 0.5) * (2 * np.pi / NTHETA)   # bin centres
     level = float(np.sqrt(1.0 - (0.5 * z) ** 2))               # head cross-section shrinks upwards
@@ -258,9 +308,16 @@ def _fractions(S, rng, z, size):
                        pert, rate, bend, sylvian, midline_supp]).astype(f32)
     it = np.minimum(((theta + f32(np.pi)) * f32(NTHETA / (2 * np.pi))).astype(np.intp), NTHETA - 1)
     T = np.take(tables, it, axis=1)                      # (13, H, W)
+    return T, k, R_mean
+
+
+def _csf_distance(S, rng, z, px, x, y, r, theta, T, k, R_mean):
+    """Signed distance to CSF of every pixel and its parts (sulci, interhemispheric fissure), plus what the deep
+    structures need: the curved midline xm, the brain scale sy and the ventricle size vs at this level."""
     (R_head, R_skin, R_fat, R_dip_out, R_dip_in, R_skull_in, R_brain, thick,
      pert, rate, bend, sylvian, midline_supp) = T
-
+    H, W = x.shape
+    f32 = np.float32
     # ---- cortex: distance to CSF = min(depth below brain surface, distance to a sulcus).
     # Sulci are the lines phi = 2 pi n of a folding phase phi = k theta + (smooth wobble in theta)
     # + bend * depth + N(x, y), N a smooth random field: curved, branching-looking, roughly
@@ -293,7 +350,7 @@ def _fractions(S, rng, z, size):
     # interhemispheric fissure, interrupted by the corpus callosum at low/mid levels
     cc = 1.0 - _smoothstep(z, 0.5, 0.68)
     vs = S["vent"] * (0.55 + 0.45 * float(np.exp(-((z - 0.35) / 0.22) ** 2)))   # ventricle size at this level
-    y_front, y_back = -32.0, 30.0                        # ventricle extent (reference brain, mm)
+    y_front, y_back = VENTRICLE_Y
     sy = R_mean / 62.0                                   # brain scale relative to the reference
     ya, yp = (y_front - 6.0) * sy * cc, (y_back + 6.0) * sy * cc
     xm = f32(S["midline_c"]) * y * y                     # slightly curved midline
@@ -301,7 +358,13 @@ def _fractions(S, rng, z, size):
     hw_f = f32(0.9 + 0.6 * S["atrophy"])
     d_f = np.sqrt((x - xm) ** 2 + gap * gap) - hw_f
     dp = np.minimum(np.minimum(depth, d_f), np.minimum(d_s1, d_s2))   # signed dist. to CSF
+    return depth, d_s1, d_s2, hw, d_f, hw_f, dp, xm, sy, vs
 
+
+def _deep_structures(S, z, px, x, y, xm, sy, vs):
+    """Ventricles v (a fraction) and the signed distance d_n to the deep grey nuclei (caudate, thalamus, putamen)."""
+    H, W = x.shape
+    f32 = np.float32
     # ---- ventricles and deep grey nuclei, in reference-brain coordinates (half-width 62 mm).
     # A lateral ventricle is a band along y from the frontal-horn tip (tv=0) to the occipital
     # horn (tv=1): medial edge xc(tv) (straight septum, diverging behind), half-width prof(tv)
@@ -309,6 +372,7 @@ def _fractions(S, rng, z, size):
     xr, yr = (x - xm) / sy, y / sy
     vent_on = 1.0 - _smoothstep(z, 0.6, 0.78)
     body = _smoothstep(z, 0.12, 0.3)                     # bodies join horns above the thalami
+    y_front, y_back = VENTRICLE_Y
     tv = (yr - y_front) / (y_back - y_front)
     inside = (tv > 0) & (tv < 1)
     tvc = np.clip(tv, 0.0, 1.0)
@@ -342,30 +406,7 @@ def _fractions(S, rng, z, size):
             d_n = np.maximum(d_n, _ellipse_sd(xr, yr, side * (25.0 + j[4]), -4.0 + j[5],  # putamen
                                               5.0 * low * ds[2], 13.0 * low * ds[2], -side * 0.15))
     d_n = d_n * sy
-
-    # ---- fractions, nested from the outside in (all in [0, 1], summing to 1)
-    f_head = _sat((R_head - r) * ip)
-    f_in_skin = _sat((R_skin - r) * ip)
-    f_in_fat = _sat((R_fat - r) * ip)
-    f_dip_out = _sat((R_dip_out - r) * ip)
-    f_dip_in = _sat((R_dip_in - r) * ip)
-    f_ic = _sat((R_skull_in - r) * ip)
-    # thin CSF bands (sulci, fissure) are capped at their width so sub-pixel ones stay faint
-    c_thin = np.maximum(np.maximum(_band(-d_s1 * ip, 2 * hw * ip), _band(-d_s2 * ip, 2 * hw * ip)),
-                        _band(-d_f * ip, 2 * hw_f * ip))
-    p = np.minimum(np.minimum(_sat(depth * ip), 1.0 - c_thin), f_ic)   # parenchyma
-    wr = np.minimum(_sat((dp - thick) * ip), p)          # deeper than the cortical ribbon
-    nuc = np.minimum(_sat(d_n * ip), 1.0 - v)
-    F = np.empty((len(TISSUES), H, W), f32)
-    F[LABEL["background"]] = 1.0 - f_head
-    F[LABEL["scalp"]] = f_head - f_in_skin
-    F[LABEL["fat"]] = (f_in_skin - f_in_fat) + (f_dip_out - f_dip_in)
-    F[LABEL["skull"]] = (f_in_fat - f_dip_out) + (f_dip_in - f_ic)
-    F[LABEL["csf"]] = f_ic - p + wr * v
-    F[LABEL["gm"]] = p - wr
-    F[LABEL["deep_gm"]] = wr * nuc
-    F[LABEL["wm"]] = wr * (1.0 - v - nuc)
-    return F
+    return v, d_n
 
 
 def _bias(coef, H, W):
