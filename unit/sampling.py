@@ -66,11 +66,10 @@ class Batches:
     def __call__(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch not in self.orders:
-            self.orders.clear()
-            self.orders[epoch] = [self.pool[d][batch_indices(len(self.pool[d]), self.steps_per_epoch, self.gbs,
-                                                             self.seed, epoch, d)
-                                               [:, self.rank * self.bs:(self.rank + 1) * self.bs]]
-                                  for d in ("a", "b")]                  # pools are sorted
+            share = slice(self.rank * self.bs, (self.rank + 1) * self.bs)   # this rank's columns of the global batch
+            rows = {d: batch_indices(len(self.pool[d]), self.steps_per_epoch, self.gbs, self.seed, epoch, d)[:, share]
+                    for d in ("a", "b")}
+            self.orders = {epoch: [self.pool[d][rows[d]] for d in ("a", "b")]}   # pools are sorted
         ia, ib = self.orders[epoch][0][i], self.orders[epoch][1][i]
         if self.paired:
             ib = ia
