@@ -251,3 +251,27 @@ def test_3d_ssim_is_per_subject_volume_of_consecutive_slices():
     mask = torch.ones(29, 16, 16, dtype=torch.bool)
     got = volume_scores(pred, real, mask, ids, runs)["ssim3d_mask"]
     assert got[0] == ssim_volume(pred[:12], real[:12], mask[:12]) and np.isnan(got[1:]).all()
+
+
+def test_through_plane_sees_streaks_that_slice_by_slice_noise_draws():
+    """experiments/through_plane.py's measure on a known case: an error smooth within each slice but drawn anew for
+    every slice (what a 2-D translator can add) is uncorrelated between neighbouring slices and correlated in-plane,
+    and makes the prediction rougher through the plane than in it (against the target); an error smooth in 3-D
+    is correlated along every axis and leaves the prediction as rough through the plane as in it; the target
+    itself has neighbour ratio 1."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("through_plane", os.path.join(ROOT, "experiments", "through_plane.py"))
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    g = torch.Generator().manual_seed(0)
+    blur3 = lambda v: torch.nn.functional.avg_pool3d(v[None, None], 5, 1, 2, count_include_pad=False)[0, 0]
+    blur2 = lambda v: torch.nn.functional.avg_pool2d(v[:, None], 5, 1, 2, count_include_pad=False)[:, 0]
+    real = blur3(torch.rand(24, 40, 40, generator=g, dtype=torch.float64)).numpy()
+    mask = np.ones(real.shape, bool)
+    streaks = real + 0.05 * blur2(torch.randn(24, 40, 40, generator=g, dtype=torch.float64)).numpy()
+    smooth = real + 0.05 * blur3(torch.randn(24, 40, 40, generator=g, dtype=torch.float64)).numpy()
+    s, t, r = tp.neighbours(streaks, real, mask), tp.neighbours(smooth, real, mask), tp.neighbours(real, real, mask)
+    assert abs(s["corr_z"]) < 0.1 and s["corr_xy"] > 0.6
+    assert s["ratio_z"] / s["ratio_xy"] > 1.2
+    assert t["corr_z"] > 0.6 and t["corr_xy"] > 0.6 and abs(t["ratio_z"] / t["ratio_xy"] - 1) < 0.05
+    assert r["ratio_z"] == pytest.approx(1) and r["ratio_xy"] == pytest.approx(1)
