@@ -45,9 +45,9 @@ import torch
 from unit import UserError, variants
 from unit.checkpoint import load_model
 from unit.data import load_prepared
-from unit.evaluation import (BRAIN_METRICS, LUT_BINS, REFERENCES, evaluate, figure_slices, has_brain_mask,
-                             reference_scores, reference_subjects, strongest_reference, t_interval, to_model, translate,
-                             volume_runs)
+from unit.evaluation import (BRAIN_METRICS, LUT_BINS, REFERENCES, context_rows, evaluate, figure_slices,
+                             has_brain_mask, reference_scores, reference_subjects, stack_rows, strongest_reference,
+                             t_interval, to_model, translate, volume_runs)
 from unit.io import make_folder, refuse_existing, write_nifti, write_png, write_text
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
@@ -208,8 +208,9 @@ def evaluate_volumes(model, cfg, data, args):
         except DataError as e:
             print(f"warning: skipping subject {s.id}: {e}", file=sys.stderr)
             continue
-        fake_t2 = translate(model, r.t1, "a", args.device, cfg["channels"], args.batch_size)   # (K, H, W)
-        fake_t1 = translate(model, r.t2, "b", args.device, cfg["channels"], args.batch_size)
+        near = stack_rows(0, len(r.t1), cfg["context"]) if cfg["context"] else None   # --context: one volume
+        fake_t2 = translate(model, r.t1, "a", args.device, cfg["channels"], args.batch_size, near)   # (K, H, W)
+        fake_t1 = translate(model, r.t2, "b", args.device, cfg["channels"], args.batch_size, near)
         # ixi: everything lives on the T1 grid (the T2 was resampled onto it), so the T1 header fits both.
         # Intensities go back with the *input's* normalisation (a user has no target), so the network's 0 is
         # the input's low percentile: also the value outside the crop window. Skull-stripped sources: 0
@@ -373,6 +374,10 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device, split="
     masks = getattr(data, f"{split}_mask")
     mask = None if masks is None else np.asarray(masks[idx]) > 0
     img = {q: np.asarray(getattr(data, f"{split}_t{i}")[idx], np.float32) for q, i in (("a", 1), ("b", 2))}
+    k = cfg["context"]
+    rows = context_rows(data, split, k)[idx] if k else None            # --context: the slice's stack goes in
+    put = {q: img[q][None] if rows is None else np.asarray(getattr(data, f"{split}_t{i}"))[rows][None]
+           for q, i in (("a", 1), ("b", 2))}
     points = queries or default_queries(mask, img["a"])
     bad = [p for p in points if not (0 <= p[0] < H and 0 <= p[1] < W)]
     if bad:
@@ -385,9 +390,9 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device, split="
     for src, name in (("a", "t1_to_t2"), ("b", "t2_to_t1")):
         judge = model.dis_b if src == "a" else model.dis_a
         with torch.no_grad(), attention_weights(model, points, (H, W)) as maps:
-            y = model.translate(to_model(img[src][None], cfg["channels"], device), src)
+            y = model.translate(to_model(put[src], cfg["channels"], device), src)
             judge(y)                                    # (1, 1, h, w) logits: only its attention is kept
-        out = from_model(y)[0].cpu().numpy()
+        out = from_model(y, k)[0].cpu().numpy()
         for m in maps:
             m["beta"] = m["beta"][0]                    # the one image of the batch: (Q, h, w)
             place = place_of(m["layer"])
@@ -537,11 +542,12 @@ def main(argv=None):
                             f"prepare it again with data/prepare.py --size {cfg['size'][0]}x{cfg['size'][1]}"
                             + (f" --spacing {train_spacing(cfg):g}" if train_spacing(cfg) else "") + " to score it")
         print(f"checkpoint {path}: epoch {ckpt['epoch']}, step {ckpt['step']}, attn={cfg['attn']} "
-              f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}",
+              f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}"
+              + (f" context={cfg['context']}" if cfg["context"] else ""),
               flush=True)
         refs = refs or reference_scores(data, args.limit, args.split)          # the same for every checkpoint
         res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit, refs,
-                               args.split)
+                               args.split, cfg["context"])
         rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
                      "slices": stacks.pop("slices"), "subjects": stacks.pop("subjects")})
         if idx is None and (args.figure or args.attention_maps):

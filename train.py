@@ -69,6 +69,9 @@ class Config:
     charbonnier_eps: float = opt(1e-3, "epsilon of the Charbonnier penalty sqrt(x^2 + eps^2)")
     channels: int = opt(1, "1 = grayscale, 3 = the slice repeated to RGB (the poster's RGB baseline)",
                         choices=(1, 3))
+    context: int = opt(0, "2.5D: each slice enters with its k neighbours on either side as channels, and every "
+                          "image of the model (translations, cycles, what D judges) is such a stack of 2k+1 slices; "
+                          "the middle one is scored (needs volumes prepared with --slices all; 0 = 2-D, the poster)")
     upsample: str = opt("deconv", "generator upsampling: deconv = the poster's DCONV(K3, S2), which draws a "
                                   "checkerboard; resize = nearest x2 + conv3", choices=UPSAMPLE_CHOICES)
     width: int = opt(64, "channels of the first conv; all widths scale with it (poster: 64)")
@@ -199,6 +202,10 @@ def check_config(cfg, given):
     if cfg["w_paired"] and cfg["data"] and data_meta(cfg["data"]).get("paired") is False:
         raise UserError(f"--w-paired {cfg['w_paired']:g} compares translations with the real images of the other "
                         f"contrast, and {cfg['data']} is not paired (meta.json: paired=false); drop the flag")
+    if cfg["context"] and (cfg["context"] < 0 or cfg["channels"] != 1 or not cfg["data"]
+                           or data_meta(cfg["data"]).get("paired") is False):
+        raise UserError(f"--context {cfg['context']} stacks a slice with its neighbours: it needs a k >= 0, "
+                        f"--channels 1, and --data prepared from paired volumes (--slices all), not the phantom")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise UserError(f"--device {cfg['device']} is not cpu, cuda or cuda:N")
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
@@ -279,8 +286,9 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
     loss_kl_cyc = kl_loss(o["mu_ab"]) + kl_loss(o["mu_ba"])
     loss_cyc = rec(o["x_aba"], x_a) + rec(o["x_bab"], x_b)
     # --w-struct only: each translation keeps its input's local structure, whatever the contrast
-    loss_struct = (structure_loss(o["x_ab"], x_a) + structure_loss(o["x_ba"], x_b) if cfg["w_struct"] else
-                   torch.zeros((), device=x_a.device))
+    stack = bool(cfg["context"])                 # --context: images are stacks of slices, compared slice by slice
+    loss_struct = (structure_loss(o["x_ab"], x_a, stack) + structure_loss(o["x_ba"], x_b, stack)
+                   if cfg["w_struct"] else torch.zeros((), device=x_a.device))
     # --w-paired only (a supervised reference; x_a, x_b are then pairs): the translations against the real images
     loss_paired = (l1_loss(o["x_ab"], x_b) + l1_loss(o["x_ba"], x_a) if cfg["w_paired"] else
                    torch.zeros((), device=x_a.device))
@@ -347,7 +355,8 @@ def end_of_epoch(run, model, data, cfg, e, final, split, scored, progress):
     if scored:
         def score():
             run.refs = run.refs or reference_scores(data, limit, split)      # the data's: computed once
-            return evaluate(model, data, dev, cfg["channels"], limit=limit, refs=run.refs, split=split)[0]
+            return evaluate(model, data, dev, cfg["channels"], limit=limit, refs=run.refs, split=split,
+                            context=cfg["context"])[0]
         res = run.survive("the evaluation", score, progress)
         if res is not None:
             run.metrics = {"kind": "eval", "split": split, "step": run.step, "epoch": e, "n": res["n"],

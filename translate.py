@@ -35,7 +35,7 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import DataError
-from unit.evaluation import translate
+from unit.evaluation import stack_rows, translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
 from unit.io import make_folder, refuse_existing, write_nifti, write_png
@@ -65,8 +65,10 @@ def run_model(model, cfg, slices, src, device, batch_size, desc):
     x = pad4(slices)
     out = np.empty_like(x)
     bar = Progress(K, desc, every_s=10)
+    rows = stack_rows(0, K, cfg["context"]) if cfg["context"] else None   # --context: neighbours of the whole volume
     for i in range(0, K, batch_size):
-        out[i:i + batch_size] = translate(model, x[i:i + batch_size], src, device, cfg["channels"], batch_size).numpy()
+        part = (x[i:i + batch_size], None) if rows is None else (x, rows[i:i + batch_size])
+        out[i:i + batch_size] = translate(model, part[0], src, device, cfg["channels"], batch_size, part[1]).numpy()
         bar.update(min(batch_size, K - i))
     bar.close()
     return out[:, :H, :W]
@@ -123,6 +125,9 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
         from PIL import Image
         if not dst_path.lower().endswith(".png"):
             raise UserError(f"{src_path} is a PNG, so OUT must be a .png file too, not {dst_path}")
+        if cfg["context"]:
+            raise UserError(f"this checkpoint was trained with --context {cfg['context']}: it translates a slice with "
+                            f"its neighbours, which a PNG ({src_path}) does not have; give it the NIfTI volume")
         img = read_png(src_path)                                         # (H, W) in [0, 1], as prepare.py
         out = run_model(model, cfg, img[None], src, args.device, args.batch_size, f"{direction} slice")[0]
         write_png(dst_path, Image.fromarray(np.round(out * 255).astype(np.uint8)))

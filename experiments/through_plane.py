@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unit.checkpoint import load_model  # noqa: E402
 from unit.data import load_prepared  # noqa: E402
-from unit.evaluation import apply_lut, fit_lut, inverted, test_split, translate, volume_runs  # noqa: E402
+from unit.evaluation import (apply_lut, context_rows, fit_lut, inverted, test_split, translate,  # noqa: E402
+                             volume_runs)
 
 
 def neighbours(pred, real, mask):
@@ -59,8 +60,10 @@ def main(argv=None):
     rows = {"inverted input": {"T1": inverted(t2), "T2": inverted(t1)},
             "intensity LUT": {"T1": apply_lut(lut["T1"], t2), "T2": apply_lut(lut["T2"], t1)}}
     for path, (model, ckpt) in zip(args.ckpts, models):
-        ch = ckpt["config"]["channels"]
-        rows[path] = {"T1": translate(model, t2, "b", "cpu", ch), "T2": translate(model, t1, "a", "cpu", ch)}
+        ch, k = ckpt["config"]["channels"], ckpt["config"]["context"]
+        near = context_rows(data, args.split, k) if k else None         # --context: each slice's stack goes in
+        rows[path] = {"T1": translate(model, t2, "b", "cpu", ch, rows=near),
+                      "T2": translate(model, t1, "a", "cpu", ch, rows=near)}
     real, m = {"T1": t1.double().numpy(), "T2": t2.double().numpy()}, mask.numpy()
     print(f"{args.split}: {len(runs)} subjects with volumes; T1 | T2: error correlation z, in-plane; "
           f"neighbour ratio z, in-plane, z / in-plane")

@@ -278,3 +278,32 @@ def test_through_plane_sees_streaks_that_slice_by_slice_noise_draws():
     assert s["ratio_z"] / s["ratio_xy"] > 1.2
     assert t["corr_z"] > 0.6 and t["corr_xy"] > 0.6 and abs(t["ratio_z"] / t["ratio_xy"] - 1) < 0.05
     assert r["ratio_z"] == pytest.approx(1) and r["ratio_xy"] == pytest.approx(1)
+
+
+def test_context_stacks_stay_inside_each_volume_and_the_middle_translation_is_kept():
+    """--context k: a slice's stack is its volume's slices z-k..z+k (the end slice repeated past either end, never
+    another subject's); translate() with those rows returns, for every slice, the middle channel of the model's
+    translation of its stack, whatever the batch size; data without one run of positions per subject is refused."""
+    from types import SimpleNamespace
+    from unit import UserError
+    from unit.evaluation import context_rows, stack_rows, translate
+    assert stack_rows(2, 6, 1).tolist() == [[2, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 5]]
+    assert stack_rows(0, 2, 2).tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    ids = ["a"] * 4 + ["b"] * 3
+    meta = {"slice_subject": {"test": ids}, "volumes": {"a": {"slices": [0, 1, 2, 3]}, "b": {"slices": [5, 6, 7]}}}
+    data = SimpleNamespace(meta=meta, paired=True, path="d")
+    rows = context_rows(data, "test", 1)
+    assert rows.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3], [4, 4, 5], [4, 5, 6], [5, 6, 6]]
+    assert context_rows(data, "test", 1, n=3).tolist() == rows[:3].tolist()
+    gap = SimpleNamespace(meta={**meta, "volumes": {**meta["volumes"], "b": {"slices": [5, 7, 8]}}}, paired=True, path="d")
+    with pytest.raises(UserError, match="consecutive positions"):
+        context_rows(gap, "test", 1)
+    with pytest.raises(UserError, match="unpaired"):
+        context_rows(SimpleNamespace(meta=meta, paired=False, path="d"), "test", 1)
+    torch.manual_seed(0)
+    model = UNIT(channels=3, width=4).eval()
+    images = np.random.default_rng(0).random((7, 64, 64)).astype(np.float32)
+    want = torch.stack([(model.translate(torch.from_numpy(images[r])[None] * 2 - 1, "a")[0, 1] + 1) / 2
+                        for r in rows]).clamp(0, 1)
+    for bs in (1, 3, 16):
+        torch.testing.assert_close(translate(model, images, "a", "cpu", 1, batch_size=bs, rows=rows), want)

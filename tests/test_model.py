@@ -165,6 +165,9 @@ def test_structure_loss_against_a_float64_recomputation():
     assert structure_loss(x, torch.rand(2, 1, 32, 40, generator=g) * 2 - 1).item() > 0.9
     x3 = x.expand(2, 3, 32, 40)                                    # RGB: the channels' mean
     assert structure_loss(x3, y).item() == pytest.approx(structure_loss(x, y).item(), abs=1e-6)
+    xs, ys = torch.cat([x, y, -x], 1), torch.cat([y, x, x], 1)     # --context: each slice of a stack on its own
+    want = np.mean([reference(xs[:, c:c + 1], ys[:, c:c + 1]) for c in range(3)])
+    assert structure_loss(xs, ys, stack=True).item() == pytest.approx(want, abs=1e-5)
 
 
 def _with_backend(monkeypatch, name):
@@ -265,7 +268,7 @@ def test_resize_upsampling_with_sn_and_attention_round_trips(attn, tmp_path):
     y = m.translate(x, "a")
     assert y.shape == x.shape
     assert isinstance(m.gen_a.net[5], SelfAttention)                   # after the first upsampling, as deconv
-    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2}
+    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2, "context": 0}
     m2 = checkpoint.build_model(cfg).eval()
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.translate(x, "a"), y)

@@ -413,3 +413,46 @@ def test_a_finer_latent_and_the_paired_term(tiny_data, tmp_path, monkeypatch):
                                                                               "seed": 0, "paired": False})
     r = run("train.py", "--data", unpaired, "--out", str(tmp_path / "refused"), "--w-paired", "1", *TINY)
     assert r.returncode == 2 and "is not paired" in r.stderr and not (tmp_path / "refused").exists()
+
+
+def test_context_feeds_each_slice_with_its_neighbours(tmp_path, monkeypatch):
+    """--context 1 (2.5D): every training image is its slice with the slices above and below of the same volume as
+    channels (the end slice repeats at a volume's ends; never a slice of another subject), T1w and T2w of the same
+    rows; training, its evaluation and the run's name work on such stacks; data without volumes is refused before
+    the run folder is made."""
+    import numpy as np
+    from unit import variants
+    from unit.data import write_prepared
+    r = np.random.default_rng(0)
+    z = {"p": range(5), "q": range(10, 14), "t": range(3, 7)}          # two training volumes, one test volume
+    ids = {"train": ["p"] * 5 + ["q"] * 4, "test": ["t"] * 4}
+    t1, t2 = (r.random((9, 64, 64)).astype(np.float32) for _ in range(2))
+    e1, e2 = (r.random((4, 64, 64)).astype(np.float32) for _ in range(2))
+    meta = {"source": "brats", "slice_subject": ids, "volumes": {s: {"slices": list(v)} for s, v in z.items()}}
+    data = write_prepared(str(tmp_path / "vols"), t1, t2, e1, e2, meta)
+    seen, real = [], train.train_step
+    def spy(model, g, d, og, od, x_a, x_b, noise, cfg):
+        seen.append((x_a.clone(), x_b.clone()))
+        return real(model, g, d, og, od, x_a, x_b, noise, cfg)
+    monkeypatch.setattr(train, "train_step", spy)
+    out = tmp_path / "run"
+    assert train.main(["--data", data, "--out", str(out), "--max-steps", "4", "--context", "1", "--w-struct", "1",
+                       *TINY]) == 0
+    h1, h2 = (np.asarray(a, np.float16).astype(np.float32) * 2 - 1 for a in (t1, t2))   # as stored, as the model sees
+    which = lambda img, stack: int(np.argmin([np.abs(img - s).max() for s in stack]))
+    first = {"p": 0, "q": 5}
+    for x_a, x_b in seen:
+        assert x_a.shape == x_b.shape == (2, 3, 64, 64)
+        for sa, sb in zip(x_a.numpy(), x_b.numpy()):
+            for s, h in ((sa, h1), (sb, h2)):
+                i = which(s[1], h)
+                lo, hi = first[ids["train"][i]], first[ids["train"][i]] + len(z[ids["train"][i]]) - 1
+                assert [which(c, h) for c in s] == [max(i - 1, lo), i, min(i + 1, hi)]
+                assert max(np.abs(c - h[j]).max() for c, j in zip(s, [max(i - 1, lo), i, min(i + 1, hi)])) < 1e-6
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["context"] == 1 and variants.name(cfg) == "none-struct1-ctx1"
+    assert checkpoint.load(str(out / "ckpt.pt"))["model"]["enc_a.net.0.weight"].shape[1] == 3
+    evals = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "eval"]
+    assert evals and math.isfinite(evals[-1]["ssim_T1"])
+    r2 = run("train.py", "--data", data, "--out", str(tmp_path / "no"), "--context", "1", "--channels", "3", *TINY)
+    assert r2.returncode == 2 and "--context" in r2.stderr and not (tmp_path / "no").exists()

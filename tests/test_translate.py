@@ -153,3 +153,23 @@ def test_bad_input_one_sentence(tmp_path, ckpt):
         T.main([str(tmp_path / "other.pt"), str(one), str(tmp_path / "o.nii")])
     with pytest.raises(UserError, match="OUT .* must end in .nii.gz or .nii"):
         T.main([ckpt, str(one), str(tmp_path / "o.png")])
+
+
+def test_a_context_model_sees_each_slice_with_its_neighbours_across_batches():
+    """run_model() of a --context 1 model over a volume cut into batches of 2: every slice's translation is the middle
+    of the model's translation of that slice with the slices above and below (the end slice repeated), computed
+    here one slice at a time; a PNG has no neighbours and is refused."""
+    import torch
+    from unit.model import UNIT
+    torch.manual_seed(0)
+    model = UNIT(channels=3, width=4).eval()
+    slices = np.random.default_rng(1).random((5, 62, 61)).astype(np.float32)     # padded to 64x64 inside
+    cfg = {"channels": 1, "context": 1}
+    got = T.run_model(model, cfg, slices, "a", "cpu", 2, "test")
+    pad = T.pad4(slices)
+    for i in range(5):
+        stack = torch.from_numpy(pad[[max(i - 1, 0), i, min(i + 1, 4)]])[None] * 2 - 1
+        want = ((model.translate(stack, "a")[0, 1] + 1) / 2).clamp(0, 1).numpy()[:62, :61]
+        np.testing.assert_allclose(got[i], want, atol=1e-5)
+    with pytest.raises(UserError, match="neighbours"):
+        T.translate_file(model, cfg, "in.png", "out.png", "t2", None, None)

@@ -32,7 +32,7 @@ VERSION = 1
 # made before it did (which need not be today's default). A new Config field goes here too.
 ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
               "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0,
-              "down": 2, "w_paired": 0.0, "w_struct": 0.0}
+              "down": 2, "w_paired": 0.0, "w_struct": 0.0, "context": 0}
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False, saved_by=None):
@@ -79,9 +79,15 @@ def restore(ckpt, model, opt_g, opt_d, device):
     return ckpt["step"]
 
 
+def in_channels(cfg):
+    """The model's image channels: the 2k + 1 neighbouring slices of --context k, else --channels (1, or 3 for
+    RGB)."""
+    return 2 * cfg["context"] + 1 if cfg["context"] else cfg["channels"]
+
+
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
-    return UNIT(channels=cfg["channels"], width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"],
+    return UNIT(channels=in_channels(cfg), width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"],
                 down=cfg["down"])
 
 

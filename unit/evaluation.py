@@ -9,26 +9,39 @@ from unit.metrics import checkerboard, erode, gmsd, mae, masked_mean, ms_ssim, p
 
 
 def to_model(x01, channels, device, non_blocking=False):
-    """float16/32 array (B, H, W) in [0, 1] -> model input (B, channels, H, W) in [-1, 1].
+    """float16/32 array (B, H, W) in [0, 1] -> model input (B, channels, H, W) in [-1, 1]; a stack of
+    neighbouring slices (B, 2k+1, H, W) (--context k) goes in as it is.
     non_blocking (CUDA): copy from pinned memory without waiting for the GPU."""
     x = torch.from_numpy(np.asarray(x01, dtype=np.float32))
     if non_blocking and torch.device(device).type == "cuda":
         x = x.pin_memory()
     x = x.to(device, non_blocking=non_blocking)
-    return (x * 2 - 1).unsqueeze(1).expand(-1, channels, -1, -1)
+    return x * 2 - 1 if x.dim() == 4 else (x * 2 - 1).unsqueeze(1).expand(-1, channels, -1, -1)
 
 
-def from_model(y):
-    """model output (B, channels, H, W) in [-1, 1] -> (B, H, W) in [0, 1] (channel mean for RGB)."""
-    return ((y.float().mean(dim=1) + 1) / 2).clamp(0, 1)
+def from_model(y, context=0):
+    """model output (B, channels, H, W) in [-1, 1] -> (B, H, W) in [0, 1]: the channel mean for RGB, the middle
+    slice of a stack of 2 context + 1 (--context)."""
+    y = y.float()[:, context] if context else y.float().mean(dim=1)
+    return ((y + 1) / 2).clamp(0, 1)
+
+
+def stack_rows(first, last, k):
+    """(last - first, 2k + 1) row indices: for each slice first..last-1 of one volume (consecutive axial
+    positions, bottom to top) its neighbours z-k..z+k; past the volume's ends the end slice repeats."""
+    return np.clip(np.arange(first, last)[:, None] + np.arange(-k, k + 1)[None], first, last - 1)
 
 
 @torch.no_grad()
-def translate(model, images, src, device, channels, batch_size=16):
-    """Translate a stack (N, H, W) in [0, 1] from domain src ('a' = T1w, 'b' = T2w); (N, H, W) on CPU."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(from_model(model.translate(to_model(images[i:i + batch_size], channels, device), src)).cpu())
+def translate(model, images, src, device, channels, batch_size=16, rows=None):
+    """Translate a stack (N, H, W) in [0, 1] from domain src ('a' = T1w, 'b' = T2w); (N, H, W) on CPU.
+    rows (--context k models): (N, 2k+1) indices into images of each slice's neighbours (stack_rows,
+    context_rows), the middle column the slice itself; the translation of the middle slice is kept."""
+    out, n = [], len(images) if rows is None else len(rows)
+    k = 0 if rows is None else rows.shape[1] // 2
+    for i in range(0, n, batch_size):
+        x = images[i:i + batch_size] if rows is None else np.asarray(images)[rows[i:i + batch_size]]
+        out.append(from_model(model.translate(to_model(x, channels, device), src), k).cpu())
     return torch.cat(out)
 
 
@@ -81,19 +94,37 @@ def subject_scores(slices, subjects):
     return out
 
 
-def volume_runs(data, ids):
+def volume_runs(data, ids, min_len=11):
     """{subject: (first, last + 1)} for the subjects of a split (ids: the subject of every slice) whose slices are
     one run of consecutive axial positions of their source volume (meta.json "volumes"; --slices all writes
-    every slice with brain, bottom to top), at least 11 of them: the subjects 3-D SSIM can be computed for. The
-    phantom, PNG folders and --slices central have none."""
+    every slice with brain, bottom to top), at least min_len of them (11: the subjects 3-D SSIM can be computed
+    for). The phantom, PNG folders and --slices central have none."""
     vols, out = data.meta.get("volumes") or {}, {}
     ids = np.asarray(ids)
     for sid in dict.fromkeys(ids.tolist()):
         z = (vols.get(sid) or {}).get("slices")
         idx = np.flatnonzero(ids == sid)
-        if z and len(z) == len(idx) >= 11 and np.all(np.diff(z) == 1) and np.all(np.diff(idx) == 1):
+        if z and len(z) == len(idx) >= min_len and np.all(np.diff(z) == 1) and np.all(np.diff(idx) == 1):
             out[sid] = (int(idx[0]), int(idx[-1]) + 1)
     return out
+
+
+def context_rows(data, split, k, n=None):
+    """stack_rows() of the first n (default all) slices of a split, each subject's slices one volume: (n, 2k+1).
+    Needs every subject's slices to be one run of consecutive positions (volume_runs: datasets prepared with
+    --slices all from NIfTI volumes); UserError otherwise."""
+    ids = list(data.meta["slice_subject"][split])
+    if not data.paired:
+        raise UserError(f"--context needs paired data (one list of volumes for both contrasts), and {data.path} is "
+                        f"unpaired; train with --context 0")
+    runs = volume_runs(data, ids, min_len=1)
+    missing = [s for s in dict.fromkeys(ids) if s not in runs]
+    if missing:
+        raise UserError(f"--context needs each subject's slices as one run of consecutive positions (a dataset "
+                        f"prepared from NIfTI volumes with --slices all), and {data.path}'s {split} subjects "
+                        f"{', '.join(missing[:3])} are not; train with --context 0")
+    rows = np.concatenate([stack_rows(a, b, k) for a, b in sorted(runs.values())])
+    return rows[:len(ids) if n is None else n]
 
 
 def volume_scores(pred, real, mask, ids, runs):
@@ -272,18 +303,20 @@ def eval_split(cfg, data, say):
     return split, scored
 
 
-def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test"):
+def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test", context=0):
     """Scores for 'T1' (b->a vs real a) and 'T2' (a->b vs real b) on the test split (or split="val"), in
     float32 (no autocast: the number a paper reports), as means over its subjects (subject_scores: a subject
     pools its slices), with the
     reference_scores() of the data (pass refs to reuse them). Returns (results dict, stacks): stacks holds
     t1, t2 (real) and fake_t1, fake_t2, (n, H, W) on CPU, "slices": per_slice() of T1 and T2, and
-    "subjects": their subject_scores() (for paired differences)."""
+    "subjects": their subject_scores() (for paired differences). context: the model's --context."""
     t1, t2, mask, ids = test_split(data, limit, split)
     was_training = model.training
     model.eval()
-    fake_t2 = translate(model, t1, "a", device, channels, batch_size)
-    fake_t1 = translate(model, t2, "b", device, channels, batch_size)
+    rows = context_rows(data, split, context, len(ids)) if context else None
+    whole = lambda x, q: x if rows is None else getattr(data, f"{split}_{q}")   # rows index the whole split
+    fake_t2 = translate(model, whole(t1, "t1"), "a", device, channels, batch_size, rows)
+    fake_t1 = translate(model, whole(t2, "t2"), "b", device, channels, batch_size, rows)
     model.train(was_training)
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
     runs = volume_runs(data, ids)

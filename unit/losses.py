@@ -69,15 +69,16 @@ def charbonnier_loss(x, y, eps=1e-3):
 STRUCT_EPS = (K2 ** 2 / 2) ** 2
 
 
-def structure_loss(x, y):
-    """1 - the mean squared local correlation of x and y (B, ch, H, W) in [-1, 1] (channels averaged): within
+def structure_loss(x, y, stack=False):
+    """1 - the mean squared local correlation of x and y (B, ch, H, W) in [-1, 1] (channels averaged, or with
+    stack=True each channel an image of its own: the neighbouring slices of --context): within
     SSIM's 11x11 Gaussian window at each pixel, rho^2 = cov(x, y)^2 / (var(x) var(y) + eps), on [0, 1] intensities.
     rho^2 is 1 where y is any affine function of x in the window, inverted contrast included (T1w and T2w), and 0
     where they are unrelated or x is flat (there it has no gradient: the zero background costs a constant). A
     term that asks a translation to keep its input's edges, whatever their contrast (as the squared NCC of
     registration does), with no target."""
-    x = (x.float().mean(1, keepdim=True) + 1) / 2
-    y = (y.float().mean(1, keepdim=True) + 1) / 2
+    one = (lambda v: v.float().flatten(0, 1).unsqueeze(1)) if stack else (lambda v: v.float().mean(1, keepdim=True))
+    x, y = (one(x) + 1) / 2, (one(y) + 1) / 2
     _, _, vx, vy, cxy = local_stats(x, y)
     rho2 = cxy * cxy / (vx.clamp_min(0) * vy.clamp_min(0) + STRUCT_EPS)
     return 1 - rho2.mean()

@@ -21,6 +21,7 @@ PARTS = [
     ("down", 2, "down{}", "latent at H/2"),
     ("w_struct", 0.0, "struct{}", "+structure x{}"),
     ("w_paired", 0.0, "paired{}", "+paired L1 x{} (supervised)"),
+    ("context", 0, "ctx{}", "+{} neighbouring slices a side (2.5D)"),
 ]
 
 
