@@ -44,7 +44,7 @@ from unit.io import release, write_text
 from unit.losses import GAN_LOSSES, charbonnier_loss, d_loss, g_loss, kl_loss, l1_loss, structure_loss
 from unit.model import DOWN_CHOICES, UPSAMPLE_CHOICES, attn_arg, size_ok
 from unit.nifti import LAYOUT_MASK_RULE
-from unit.presets import cpu_preset, data_meta
+from unit.presets import CPU_PRESET_SCANS, SN_ON_SCANS, cpu_preset, data_meta
 from unit.progress import Progress
 from unit.runs import Run, claim_run_folder, summary
 from unit.sampling import Batches, latent_noise
@@ -180,7 +180,8 @@ def resolve_config(given, full, resume, world=1):
         cfg.update(preset)
         shown = {k: v for k, v in preset.items() if k != "size" or not given.get("data")}  # data sets the size
         note = (f"no CUDA: reduced CPU preset for {what} " +
-                ", ".join(f"{k}={v}" for k, v in shown.items()) + " (pass --full for the poster configuration)")
+                ", ".join(f"{k}={v}" for k, v in shown.items()) + " (pass --full for the poster configuration)"
+                + (f"; {SN_ON_SCANS}" if given.get("sn") and table is CPU_PRESET_SCANS else ""))
     cfg.update(given)
     cfg["device"] = device
     return cfg, None, note

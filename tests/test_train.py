@@ -182,7 +182,8 @@ def test_real_scans_get_their_own_cpu_preset(tiny_data, tmp_path):
     cfg, _, note = train.resolve_config({"data": scans, "lr": 1e-3}, full=False, resume=None)
     assert {k: cfg[k] for k in presets.CPU_PRESET_SCANS if k != "lr"} == \
         {k: v for k, v in presets.CPU_PRESET_SCANS.items() if k != "lr"} and cfg["lr"] == 1e-3
-    assert "preset for real scans" in note and "lr=" not in note.replace("lr_d=", "")
+    assert "preset for real scans" in note and "lr=" not in note.replace("lr_d=", "") and "--sn" not in note
+    assert presets.SN_ON_SCANS in train.resolve_config({"data": scans, "sn": True}, full=False, resume=None)[2]
     cfg, _, note = train.resolve_config({"data": tiny_data}, full=False, resume=None)   # the phantom's
     assert cfg["batch_size"] == presets.CPU_PRESET["batch_size"] and "preset for the phantom" in note
 
