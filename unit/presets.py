@@ -26,8 +26,8 @@ CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.
 # measured on the benchmark's validation patients (docs/realmri.md): every run of the scans preset with spectral norm
 # kept the input's contrast or barely learned, with the structure term or without it
 SN_ON_SCANS = ("warning: --sn did not learn with this preset in 4 of 4 runs on the real-data benchmark's validation "
-               "patients (brain SSIM -0.10 to 0.20 against 0.72 without it; docs/realmri.md): its learning rates and "
-               "budget were chosen without spectral norm")
+               "patients (brain SSIM -0.10 to 0.20, against 0.72 / 0.68 without it; docs/realmri.md): its learning rates "
+               "and budget were chosen without spectral norm")
 
 
 def data_meta(path):
