@@ -49,7 +49,7 @@ class Batches:
     """This rank's share of every step's batch. A step's global batch is --batch-size x world slices per domain,
     drawn by batch_indices() from the training slices a run uses (train_slices); rank r takes its r-th share.
     With --w-paired domain b takes domain a's batch, so the two are pairs. With --context k each slice comes with
-    its k neighbours on either side as channels (evaluation.neighbours). batches(step) -> (x_a, x_b), each
+    its k neighbours on either side as channels (evaluation.context_rows). batches(step) -> (x_a, x_b), each
     (B, ch, H, W) in [-1, 1], copied to the device without waiting (pinned memory on CUDA)."""
 
     def __init__(self, data, cfg, device, rank=0, world=1):
@@ -63,9 +63,8 @@ class Batches:
                             f"(--batch-size {self.bs} x {world} processes)")
         self.steps_per_epoch = self.n_train // self.gbs
         self.orders = {}
-        k = cfg.get("context", 0)
-        # rows of each slice's input: itself, or its stack of neighbours (both domains: same volumes, same rows)
-        self.rows = context_rows(data, "train", k) if k else np.arange(len(data.train_t1))[:, None]
+        # --context: the rows of each slice's stack of neighbours (both domains: the same volumes, the same rows)
+        self.rows = context_rows(data, "train", cfg["context"]) if cfg["context"] else None
 
     def __call__(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -77,6 +76,6 @@ class Batches:
         ia, ib = self.orders[epoch][0][i], self.orders[epoch][1][i]
         if self.paired:
             ib = ia
-        get = lambda a, i: a[i] if self.rows.shape[1] == 1 else np.asarray(a)[self.rows[i]]   # (B, [2k+1,] H, W)
+        get = lambda a, i: a[i] if self.rows is None else np.asarray(a)[self.rows[i]]   # (B, [2k+1,] H, W)
         return (to_model(get(self.data.train_t1, ia), self.ch, self.device, non_blocking=True),
                 to_model(get(self.data.train_t2, ib), self.ch, self.device, non_blocking=True))
