@@ -377,6 +377,16 @@ def test_a_validation_split_is_where_training_evaluates(tiny_data, tmp_path):
     assert r.returncode == 2 and "has no validation split" in r.stderr and "Traceback" not in r.stderr
 
 
+def batches_seen(monkeypatch):
+    """A list that gets (x_a, x_b) of every train_step() from now on."""
+    seen, real = [], train.train_step
+    def spy(model, g, d, og, od, x_a, x_b, noise, cfg):
+        seen.append((x_a.clone(), x_b.clone()))
+        return real(model, g, d, og, od, x_a, x_b, noise, cfg)
+    monkeypatch.setattr(train, "train_step", spy)
+    return seen
+
+
 def test_a_finer_latent_and_the_paired_term(tiny_data, tmp_path, monkeypatch):
     """--down 1: a latent at H/2 x W/2; --w-paired W: the batches are pairs (slice i of T1w with slice i of T2w),
     the term is logged and part of G, and the run has a variant name of its own; unpaired data is refused before
@@ -387,11 +397,7 @@ def test_a_finer_latent_and_the_paired_term(tiny_data, tmp_path, monkeypatch):
     m = UNIT(width=4, down=1)
     x = torch.zeros(2, 1, 64, 64)
     assert m.code_shape(x) == tuple(m.encode(x, "a").shape) == (2, 32, 32, 32) and m.translate(x, "a").shape == x.shape
-    seen, real = [], train.train_step
-    def spy(model, g, d, og, od, x_a, x_b, noise, cfg):
-        seen.append((x_a.clone(), x_b.clone()))
-        return real(model, g, d, og, od, x_a, x_b, noise, cfg)
-    monkeypatch.setattr(train, "train_step", spy)
+    seen = batches_seen(monkeypatch)
     out = tmp_path / "run"
     assert train.main(["--data", tiny_data, "--out", str(out), "--max-steps", "3", "--log-every", "1", "--down", "1",
                        "--w-paired", "100", *TINY, "--eval-every", "0"]) == 0
@@ -431,11 +437,7 @@ def test_context_feeds_each_slice_with_its_neighbours(tmp_path, monkeypatch):
     e1, e2 = (r.random((4, 64, 64)).astype(np.float32) for _ in range(2))
     meta = {"source": "brats", "slice_subject": ids, "volumes": {s: {"slices": list(v)} for s, v in z.items()}}
     data = write_prepared(str(tmp_path / "vols"), t1, t2, e1, e2, meta)
-    seen, real = [], train.train_step
-    def spy(model, g, d, og, od, x_a, x_b, noise, cfg):
-        seen.append((x_a.clone(), x_b.clone()))
-        return real(model, g, d, og, od, x_a, x_b, noise, cfg)
-    monkeypatch.setattr(train, "train_step", spy)
+    seen = batches_seen(monkeypatch)
     out = tmp_path / "run"
     assert train.main(["--data", data, "--out", str(out), "--max-steps", "4", "--context", "1", "--w-struct", "1",
                        *TINY]) == 0
