@@ -47,7 +47,7 @@ from unit.checkpoint import load_model
 from unit.data import load_prepared
 from unit.evaluation import (BRAIN_METRICS, LUT_BINS, REFERENCES, context_rows, evaluate, figure_slices,
                              has_brain_mask, reference_scores, reference_subjects, stack_rows, strongest_reference,
-                             t_interval, to_model, translate, volume_runs)
+                             t_interval, take, to_model, translate, volume_runs)
 from unit.io import make_folder, refuse_existing, write_nifti, write_png, write_text
 from unit.metrics import energy_spectrum, mae, psnr, ssim_volume
 
@@ -375,9 +375,8 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device, split="
     mask = None if masks is None else np.asarray(masks[idx]) > 0
     img = {q: np.asarray(getattr(data, f"{split}_t{i}")[idx], np.float32) for q, i in (("a", 1), ("b", 2))}
     k = cfg["context"]
-    rows = context_rows(data, split, k)[idx] if k else None            # --context: the slice's stack goes in
-    put = {q: img[q][None] if rows is None else np.asarray(getattr(data, f"{split}_t{i}"))[rows][None]
-           for q, i in (("a", 1), ("b", 2))}
+    near = context_rows(data, split, k) if k else None                 # --context: the slice's stack goes in
+    put = {q: take(getattr(data, f"{split}_t{i}"), [idx], near) for q, i in (("a", 1), ("b", 2))}   # (1, [ch,] H, W)
     points = queries or default_queries(mask, img["a"])
     bad = [p for p in points if not (0 <= p[0] < H and 0 <= p[1] < W)]
     if bad:

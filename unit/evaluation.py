@@ -32,6 +32,12 @@ def stack_rows(first, last, k):
     return np.clip(np.arange(first, last)[:, None] + np.arange(-k, k + 1)[None], first, last - 1)
 
 
+def take(images, idx, rows=None):
+    """images[idx] of a stack (N, H, W) (idx: an index array or a slice), as (B, H, W); with rows (stack_rows,
+    context_rows: each slice's neighbours, --context) the stacks of those slices, (B, 2k+1, H, W)."""
+    return images[idx] if rows is None else np.asarray(images)[rows[idx]]
+
+
 @torch.no_grad()
 def translate(model, images, src, device, channels, batch_size=16, rows=None):
     """Translate a stack (N, H, W) in [0, 1] from domain src ('a' = T1w, 'b' = T2w); (N, H, W) on CPU.
@@ -40,8 +46,8 @@ def translate(model, images, src, device, channels, batch_size=16, rows=None):
     out, n = [], len(images) if rows is None else len(rows)
     k = 0 if rows is None else rows.shape[1] // 2
     for i in range(0, n, batch_size):
-        x = images[i:i + batch_size] if rows is None else np.asarray(images)[rows[i:i + batch_size]]
-        out.append(from_model(model.translate(to_model(x, channels, device), src), k).cpu())
+        x = to_model(take(images, slice(i, i + batch_size), rows), channels, device)
+        out.append(from_model(model.translate(x, src), k).cpu())
     return torch.cat(out)
 
 

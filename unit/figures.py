@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from unit.evaluation import context_rows, figure_slices, from_model, to_model
+from unit.evaluation import context_rows, figure_slices, from_model, take, to_model
 from unit.io import write_png
 
 MAGMA = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
@@ -209,8 +209,7 @@ def sample_grid(model, data, cfg, path, n=4, split="test"):
     with torch.no_grad():
         dev, ch, k = next(model.parameters()).device, cfg["channels"], cfg["context"]
         near = context_rows(data, split, k) if k else None           # --context: stacks, the middle slice shown
-        get = lambda a, i: a[i] if near is None else np.asarray(a)[near[i]]
-        x_a, x_b = to_model(get(t1, idx), ch, dev), to_model(get(t2, idx_b), ch, dev)
+        x_a, x_b = to_model(take(t1, idx, near), ch, dev), to_model(take(t2, idx_b, near), ch, dev)
         x_ab, x_ba = model.translate(x_a, "a"), model.translate(x_b, "b")
         rows = [x_a, x_ab, model.translate(x_ab, "b"), x_b, x_ba, model.translate(x_ba, "a")]
         grid = torch.cat([torch.cat(list(from_model(r, k)), dim=1) for r in rows], dim=0)

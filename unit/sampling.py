@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from unit import UserError
-from unit.evaluation import context_rows, to_model
+from unit.evaluation import context_rows, take, to_model
 
 
 def batch_indices(n, steps, batch_size, seed, epoch, domain):
@@ -76,6 +76,5 @@ class Batches:
         ia, ib = self.orders[epoch][0][i], self.orders[epoch][1][i]
         if self.paired:
             ib = ia
-        get = lambda a, i: a[i] if self.rows is None else np.asarray(a)[self.rows[i]]   # (B, [2k+1,] H, W)
-        return (to_model(get(self.data.train_t1, ia), self.ch, self.device, non_blocking=True),
-                to_model(get(self.data.train_t2, ib), self.ch, self.device, non_blocking=True))
+        return (to_model(take(self.data.train_t1, ia, self.rows), self.ch, self.device, non_blocking=True),
+                to_model(take(self.data.train_t2, ib, self.rows), self.ch, self.device, non_blocking=True))
