@@ -280,6 +280,31 @@ def test_through_plane_sees_streaks_that_slice_by_slice_noise_draws():
     assert r["ratio_z"] == pytest.approx(1) and r["ratio_xy"] == pytest.approx(1)
 
 
+def test_ssim_parts_multiply_to_the_core_ssim_evaluate_reports():
+    """experiments/ssim_parts.py: luminance x contrast x structure, pooled per subject like evaluate.py's core SSIM,
+    is that core SSIM (the SSIM with C3 = C2 / 2 is exactly their product); a perfect prediction scores 1 in each
+    factor; a blurred target keeps its structure better than its contrast and is smoother (sd ratio below 1)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ssim_parts", os.path.join(ROOT, "experiments", "ssim_parts.py"))
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    from unit.metrics import erode
+    g = torch.Generator().manual_seed(0)
+    smooth = lambda v, k: torch.nn.functional.avg_pool2d(v[:, None], k, 1, k // 2, count_include_pad=False)[:, 0]
+    real = smooth(torch.rand(6, 40, 40, generator=g), 3)
+    pred = (real + 0.1 * torch.randn(6, 40, 40, generator=g)).clamp(0, 1)
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    mask = torch.stack([(yy - 20) ** 2 + (xx - 20) ** 2 < r * r for r in (17, 18, 16, 19, 15, 18)])
+    ids = ["a", "a", "a", "b", "b", "c"]
+    got = sp.subject_parts(pred, real, erode(mask), ids, chunk=4)
+    core = means(subject_scores(per_slice(pred, real, mask), ids))["ssim_core"]     # float32 per slice there
+    assert got["ssim"] == pytest.approx(core, abs=1e-6)
+    same = sp.subject_parts(real, real, erode(mask), ids)
+    assert all(same[k] == pytest.approx(1) for k in ("l", "c", "s", "ssim", "sd ratio"))
+    blur = sp.subject_parts(smooth(real, 5), real, erode(mask), ids)
+    assert blur["s"] > blur["c"] and blur["sd ratio"] < 0.8
+
+
 def test_context_stacks_stay_inside_each_volume_and_the_middle_translation_is_kept():
     """--context k: a slice's stack is its volume's slices z-k..z+k (the end slice repeated past either end, never
     another subject's); translate() with those rows returns, for every slice, the middle channel of the model's
