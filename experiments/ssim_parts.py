@@ -14,7 +14,6 @@ subjects; "sd ratio" is the mean local sx over the mean local sy (below 1: smoot
 inverted input and the intensity LUT (fit on the training split, as evaluate.py does) come first. T1 = T2w->T1w,
 T2 = T1w->T2w. On the validation patients by default (where choices are made). docs/realmri.md.
 """
-import argparse
 import os
 import sys
 
@@ -22,9 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unit.checkpoint import load_model  # noqa: E402
-from unit.data import load_prepared  # noqa: E402
-from unit.evaluation import apply_lut, context_rows, fit_lut, inverted, test_split, translate  # noqa: E402
+from unit.evaluation import diagnostic_args, split_predictions  # noqa: E402
 from unit.metrics import K1, K2, erode, local_stats, valid_pixels  # noqa: E402
 
 PARTS = ("l", "c", "s", "ssim", "sx", "sy")
@@ -66,25 +63,11 @@ def subject_parts(pred, real, mask, ids, chunk=32):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpts", nargs="+")
-    p.add_argument("--data", help="prepared dataset (default: the first checkpoint's)")
-    p.add_argument("--split", default="val", choices=("val", "test"))
-    args = p.parse_args(argv)
-    models = [load_model(c) for c in args.ckpts]
-    data = load_prepared(args.data or models[0][1]["config"]["data"])
-    t1, t2, mask, ids = test_split(data, None, args.split)
+    args, models, data, (t1, t2, mask, ids) = diagnostic_args(__doc__.split("\n")[0], argv)
     if mask is None:
         sys.exit(f"{data.path}: no brain masks, so no core to score")
     core = erode(mask)
-    rows = {"inverted input": {"T1": inverted(t2), "T2": inverted(t1)},
-            "intensity LUT": {"T1": apply_lut(fit_lut(data.train_t2, data.train_t1, data.train_mask), t2),
-                              "T2": apply_lut(fit_lut(data.train_t1, data.train_t2, data.train_mask), t1)}}
-    for path, (model, ckpt) in zip(args.ckpts, models):
-        ch, k = ckpt["config"]["channels"], ckpt["config"]["context"]
-        near = context_rows(data, args.split, k) if k else None
-        rows[path] = {"T1": translate(model, t2, "b", "cpu", ch, rows=near),
-                      "T2": translate(model, t1, "a", "cpu", ch, rows=near)}
+    rows = split_predictions(data, args.split, t1, t2, zip(args.ckpts, models))
     print(f"{args.split}: {len(set(ids))} subjects, core brain mask; T1 / T2 in each cell\n")
     print("| prediction | luminance l | contrast c | structure s | SSIM = l c s | sd ratio |")
     print("|---|---|---|---|---|---|")

@@ -14,17 +14,13 @@ The inverted input and the intensity LUT (fit on the training split, as evaluate
 each voxel on its own, so they draw nothing slice by slice; what they show along z is their input's. Means over
 subjects. On the validation patients by default (where choices are made). docs/realmri.md, "Through the plane".
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unit.checkpoint import load_model  # noqa: E402
-from unit.data import load_prepared  # noqa: E402
-from unit.evaluation import (apply_lut, context_rows, fit_lut, inverted, test_split, translate,  # noqa: E402
-                             volume_runs)
+from unit.evaluation import diagnostic_args, split_predictions, volume_runs  # noqa: E402
 
 
 def neighbours(pred, real, mask):
@@ -44,26 +40,11 @@ def neighbours(pred, real, mask):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpts", nargs="+")
-    p.add_argument("--data", help="prepared dataset (default: the first checkpoint's)")
-    p.add_argument("--split", default="val", choices=("val", "test"))
-    args = p.parse_args(argv)
-    models = [load_model(c) for c in args.ckpts]
-    data = load_prepared(args.data or models[0][1]["config"]["data"])
-    t1, t2, mask, ids = test_split(data, None, args.split)
+    args, models, data, (t1, t2, mask, ids) = diagnostic_args(__doc__.split("\n")[0], argv)
     runs = volume_runs(data, ids)
     if not runs or mask is None:
         sys.exit(f"{data.path}: no subject of the {args.split} split has whole volumes with brain masks")
-    lut = {"T1": fit_lut(data.train_t2, data.train_t1, data.train_mask),
-           "T2": fit_lut(data.train_t1, data.train_t2, data.train_mask)}
-    rows = {"inverted input": {"T1": inverted(t2), "T2": inverted(t1)},
-            "intensity LUT": {"T1": apply_lut(lut["T1"], t2), "T2": apply_lut(lut["T2"], t1)}}
-    for path, (model, ckpt) in zip(args.ckpts, models):
-        ch, k = ckpt["config"]["channels"], ckpt["config"]["context"]
-        near = context_rows(data, args.split, k) if k else None         # --context: each slice's stack goes in
-        rows[path] = {"T1": translate(model, t2, "b", "cpu", ch, rows=near),
-                      "T2": translate(model, t1, "a", "cpu", ch, rows=near)}
+    rows = split_predictions(data, args.split, t1, t2, zip(args.ckpts, models))
     real, m = {"T1": t1.double().numpy(), "T2": t2.double().numpy()}, mask.numpy()
     print(f"{args.split}: {len(runs)} subjects with volumes; T1 | T2: error correlation z, in-plane; "
           f"neighbour ratio z, in-plane, z / in-plane")

@@ -272,6 +272,40 @@ def reference_scores(data, limit=None, split="test"):
     return refs
 
 
+
+def diagnostic_args(description, argv=None):
+    """The command line that diagnostics in experiments/ share, `CKPT [CKPT ...] [--data DIR] [--split val|test]`,
+    parsed and loaded: (args, [(model, checkpoint) per CKPT], the prepared data (--data, or the first checkpoint's),
+    test_split() of the split: (t1, t2, mask, ids)). On the validation patients by default: choices are made there."""
+    import argparse
+    from unit.checkpoint import load_model
+    from unit.data import load_prepared
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("ckpts", nargs="+")
+    p.add_argument("--data", help="prepared dataset (default: the first checkpoint's)")
+    p.add_argument("--split", default="val", choices=("val", "test"))
+    args = p.parse_args(argv)
+    models = [load_model(c) for c in args.ckpts]
+    data = load_prepared(args.data or models[0][1]["config"]["data"])
+    return args, models, data, test_split(data, None, args.split)
+
+
+def split_predictions(data, split, t1, t2, models):
+    """What the diagnostics in experiments/ score on a split's slices t1, t2 (test_split()): {row: {"T1": (N, H, W),
+    "T2": ...}} in [0, 1], T1 = T2w->T1w. First the inverted input and the intensity LUT (fit on the training
+    split, as reference_scores() does), then, for each (name, (model, checkpoint)) of `models` (load_model()'s),
+    its translations on the CPU (with --context, each slice's stack built over its whole volume)."""
+    lut = {"T1": fit_lut(data.train_t2, data.train_t1, data.train_mask),
+           "T2": fit_lut(data.train_t1, data.train_t2, data.train_mask)}
+    rows = {"inverted input": {"T1": inverted(t2), "T2": inverted(t1)},
+            "intensity LUT": {"T1": apply_lut(lut["T1"], t2), "T2": apply_lut(lut["T2"], t1)}}
+    for name, (model, ckpt) in models:
+        ch, k = ckpt["config"]["channels"], ckpt["config"]["context"]
+        near = context_rows(data, split, k, len(t1)) if k else None
+        rows[name] = {"T1": translate(model, t2, "b", "cpu", ch, rows=near),
+                      "T2": translate(model, t1, "a", "cpu", ch, rows=near)}
+    return rows
+
 def reference_subjects(refs, row, c):
     """A reference row's per-subject scores of direction c as float64 arrays (NaN where None), like
     subject_scores() gives for a model."""
