@@ -272,7 +272,6 @@ def reference_scores(data, limit=None, split="test"):
     return refs
 
 
-
 def diagnostic_args(description, argv=None):
     """The command line that diagnostics in experiments/ share, `CKPT [CKPT ...] [--data DIR] [--split val|test]`,
     parsed and loaded: (args, [(model, checkpoint) per CKPT], the prepared data (--data, or the first checkpoint's),
