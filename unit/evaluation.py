@@ -305,6 +305,7 @@ def split_predictions(data, split, t1, t2, models):
                       "T2": translate(model, t1, "a", "cpu", ch, rows=near)}
     return rows
 
+
 def reference_subjects(refs, row, c):
     """A reference row's per-subject scores of direction c as float64 arrays (NaN where None), like
     subject_scores() gives for a model."""
