@@ -399,8 +399,8 @@ def passes_ms(device, size, width, batch, attn, sn, amp, compiled, iters):
     def it():
         with torch.autocast(device, torch.bfloat16, enabled=amp == "bf16"):
             o = g(x_a, x_b, [None] * 4)
-            l_a, l_b = d(o["x_ba"], o["x_ab"])
-        (sum(v.float().mean() for v in o.values()) + l_a.float().mean() + l_b.float().mean()).backward()
+            l_a, l_b = d(o["x_ba"], o["x_ab"])                  # lists of logit maps
+        (sum(v.float().mean() for v in o.values()) + sum(m.float().mean() for m in l_a + l_b)).backward()
 
     t0 = time.time()
     it()

@@ -82,6 +82,8 @@ class Config:
     gan_loss: str = opt("bce", "GAN loss: bce (the poster's), lsgan (UNIT's released code), hinge (SAGAN's)",
                         choices=GAN_LOSSES)
     w_gan: float = opt(10.0, "weight of the GAN terms")
+    d_patch: bool = opt(False, "a second head on each discriminator: a 1x1 conv on its H/8 features, a logit per 15x15-px "
+                               "patch, its GAN loss added to the whole-image logits' (False = the poster's D)")
     w_kl: float = opt(0.1, "weight of the KL terms (codes of x_a, x_b)")
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
     w_kl_cyc: float = opt(0.1, "weight of the KL terms of the cycle codes")
@@ -269,8 +271,9 @@ def train_step(model, g_side, d_side, opt_g, opt_d, x_a, x_b, noise, cfg):
         x_ab = model.decode(model.sample_z(model.encode(x_a, "a"), noise(0)), "b")
         x_ba = model.decode(model.sample_z(model.encode(x_b, "b"), noise(1)), "a")
     with amp():
-        d_a, d_b = d_side(torch.cat([x_a, x_ba]), torch.cat([x_b, x_ab]))     # (2B, 1, h, w) each
-    loss_d = d_loss(d_a[:B], d_a[B:], cfg["gan_loss"]) + d_loss(d_b[:B], d_b[B:], cfg["gan_loss"])
+        d_a, d_b = d_side(torch.cat([x_a, x_ba]), torch.cat([x_b, x_ab]))     # lists of (2B, 1, h, w) logit maps
+    real, fake = (lambda maps: [m[:B] for m in maps]), (lambda maps: [m[B:] for m in maps])
+    loss_d = d_loss(real(d_a), fake(d_a), cfg["gan_loss"]) + d_loss(real(d_b), fake(d_b), cfg["gan_loss"])
     opt_d.zero_grad(set_to_none=True)
     (cfg["w_gan"] * loss_d).backward()
     opt_d.step()

@@ -143,6 +143,38 @@ def test_losses_against_hand_computed_values():
         d_loss(rt, ft, "wgan")
 
 
+def test_patch_discriminator_heads_and_losses():
+    """--d-patch: each D gives two logit maps, the whole-image one (unchanged, so old checkpoints load and D's forward
+    is what it was) and a 1x1 head on its H/8 features whose logits see a 15x15-pixel patch each (three 3x3 convs of
+    stride 2: 1 + 2 + 4 + 8 = 15); the GAN losses of a list are the sums of its maps' losses."""
+    torch.manual_seed(0)
+    plain, patch = UNIT(width=4, down=1), UNIT(width=4, down=1, d_patch=True)
+    assert set(patch.state_dict()) - set(plain.state_dict()) == {f"dis_{d}.patch.{p}" for d in "ab" for p in ("weight", "bias")}
+    patch.load_state_dict({**plain.state_dict(), **{k: v for k, v in patch.state_dict().items() if ".patch." in k}})
+    x = torch.rand(2, 1, 112, 96, dtype=torch.float64) * 2 - 1
+    patch.double(), plain.double()
+    whole, local = patch.dis_a.judge(x)
+    assert whole.shape == (2, 1, 3, 2) and local.shape == (2, 1, 14, 12)
+    torch.testing.assert_close(whole, plain.dis_a(x), rtol=0, atol=0)
+    assert [m.shape for m in plain.dis_a.judge(x)] == [(2, 1, 3, 2)]
+    # the receptive field of one patch logit, from its gradient: a 15x15 window ending 8 * 5 + 1 px from the corner
+    x.requires_grad_(True)
+    patch.dis_b.judge(x)[1][0, 0, 5, 4].backward()
+    rows, cols = (x.grad[0, 0].abs() > 0).nonzero(as_tuple=True)
+    assert (rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()) == (8 * 5 - 7, 8 * 5 + 7, 8 * 4 - 7, 8 * 4 + 7)
+    r, f = [torch.randn(2, 1, 3, 2), torch.randn(2, 1, 14, 12)], [torch.randn(2, 1, 3, 2), torch.randn(2, 1, 14, 12)]
+    for kind in ("bce", "lsgan", "hinge"):
+        torch.testing.assert_close(d_loss(r, f, kind), d_loss(r[0], f[0], kind) + d_loss(r[1], f[1], kind))
+        torch.testing.assert_close(g_loss(f, kind), g_loss(f[0], kind) + g_loss(f[1], kind))
+    with pytest.raises(ValueError):
+        d_loss(r, f[:1])
+    # a training step trains the patch heads too (the D step's loss reaches them)
+    model, cfg = UNIT(width=4, d_patch=True), {**Config().__dict__, "d_patch": True}
+    before = model.dis_a.patch.weight.detach().clone()
+    losses = one_step(model, *make_optimizers(model, cfg), torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1, cfg)
+    assert all(math.isfinite(v) for v in losses.values()) and not torch.equal(model.dis_a.patch.weight, before)
+
+
 def test_structure_loss_against_a_float64_recomputation():
     """1 - mean rho^2 with rho^2 = cov^2 / (var var + eps) in SSIM's 11x11 Gaussian window (sigma 1.5) over the valid
     pixels, recomputed here with scipy's Gaussian filter in float64; 0 for any affine map of the input, inverted
@@ -268,7 +300,7 @@ def test_resize_upsampling_with_sn_and_attention_round_trips(attn, tmp_path):
     y = m.translate(x, "a")
     assert y.shape == x.shape
     assert isinstance(m.gen_a.net[5], SelfAttention)                   # after the first upsampling, as deconv
-    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2, "context": 0}
+    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2, "context": 0, "d_patch": False}
     m2 = checkpoint.build_model(cfg).eval()
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.translate(x, "a"), y)

@@ -26,7 +26,10 @@ def gan_loss(logits, real: bool):
 
 
 def d_loss(real, fake, kind="bce"):
-    """The discriminator's loss on its logits for real images and for translated (fake) ones."""
+    """The discriminator's loss on its logits for real images and for translated (fake) ones. Lists of logit maps
+    (a discriminator with several heads, --d-patch) give the sum of each map's loss."""
+    if isinstance(real, (list, tuple)):
+        return sum(d_loss(r, f, kind) for r, f in zip(real, fake, strict=True))
     real, fake = real.float(), fake.float()
     if kind == "bce":
         return gan_loss(real, True) + gan_loss(fake, False)
@@ -38,7 +41,9 @@ def d_loss(real, fake, kind="bce"):
 
 
 def g_loss(fake, kind="bce"):
-    """The generator's GAN loss on the discriminator's logits for its translations."""
+    """The generator's GAN loss on the discriminator's logits for its translations (a list of logit maps: the sum)."""
+    if isinstance(fake, (list, tuple)):
+        return sum(g_loss(f, kind) for f in fake)
     fake = fake.float()
     if kind == "bce":
         return gan_loss(fake, True)

@@ -144,20 +144,33 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """PatchGAN-style: image -> (B, 1, h, w) logits (the GAN loss turns them into probabilities or
     margins). With attn, a SelfAttention after the third conv (on the H/8 x W/8 grid: N = 1216 positions
-    at 304x256), as SAGAN puts attention in its discriminator as well as its generator (--attn discriminator)."""
+    at 304x256), as SAGAN puts attention in its discriminator as well as its generator (--attn discriminator).
+    With patch, a second head judges the same H/8 features with a 1x1 conv: a logit per 15x15-pixel
+    receptive field (14x12 of them at 112x96), next to the whole-image logits (2x2 px of the last conv's grid)."""
 
-    def __init__(self, channels, w, attn=False):
+    def __init__(self, channels, w, attn=False, patch=False):
         super().__init__()
         layers, cin = [], channels
         for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w, 16 * w)):
             layers += [nn.Conv2d(cin, cout, 3, 2, 1), lrelu()]
             if attn and i == 2:
                 layers.append(SelfAttention(cout))
+            if i == 2:
+                self.tap = len(layers)          # the H/8 features end here (net[:tap])
             cin = cout
         layers.append(nn.Conv2d(cin, 1, 2, 1, 0))
         self.net = nn.Sequential(*layers)
+        self.patch = nn.Conv2d(4 * w, 1, 1) if patch else None
+
+    def judge(self, x):
+        """The logit maps the GAN losses sum over: [whole-image (B, 1, h, w)], and with patch [..., (B, 1, H/8, W/8)]."""
+        if self.patch is None:
+            return [self.net(x)]
+        f = self.net[:self.tap](x)
+        return [self.net[self.tap:](f), self.patch(f)]
 
     def forward(self, x):
+        """The whole-image logits (B, 1, h, w)."""
         return self.net(x)
 
 
@@ -190,7 +203,7 @@ class UNIT(nn.Module):
     """Two VAE-GANs sharing the last encoder block and the first generator block (the shared
     latent space). Domain a = T1w, domain b = T2w. Images in [-1, 1]."""
 
-    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv", down=2):
+    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv", down=2, d_patch=False):
         super().__init__()
         if down not in DOWN_CHOICES:
             raise ValueError(f"down must be one of {DOWN_CHOICES}, got {down!r}")
@@ -201,7 +214,7 @@ class UNIT(nn.Module):
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
         self.gen_a, self.gen_b = (Generator(channels, w, ga, upsample, down), Generator(channels, w, ga, upsample, down))
-        self.dis_a, self.dis_b = Discriminator(channels, w, da), Discriminator(channels, w, da)
+        self.dis_a, self.dis_b = Discriminator(channels, w, da, d_patch), Discriminator(channels, w, da, d_patch)
         if sn:
             apply_spectral_norm(self)
 
@@ -239,8 +252,8 @@ class UNIT(nn.Module):
                     x_ba=x_ba, x_aba=x_aba, x_bab=x_bab)
 
     def discriminate(self, x_a, x_b):
-        """Logits of D_a on x_a and of D_b on x_b, (B, 1, h, w) each."""
-        return self.dis_a(x_a), self.dis_b(x_b)
+        """The logit maps of D_a on x_a and of D_b on x_b: two lists (Discriminator.judge), each of (B, 1, h, w)."""
+        return self.dis_a.judge(x_a), self.dis_b.judge(x_b)
 
     @torch.no_grad()
     def translate(self, x, src):

@@ -19,6 +19,7 @@ PARTS = [
     ("upsample", "deconv", "resize", "resize-upsampling"),
     ("gan_loss", "bce", None, None),
     ("down", 2, "down{}", "latent at H/2"),
+    ("d_patch", False, "dpatch", "+patch D"),
     ("w_struct", 0.0, "struct{}", "+structure x{}"),
     ("w_paired", 0.0, "paired{}", "+paired L1 x{} (supervised)"),
     ("context", 0, "ctx{}", "+{} neighbouring slices a side (2.5D)"),
