@@ -63,7 +63,8 @@ BRAIN_FIRST = [("ssim_mask", "SSIM brain"), ("ssim_core", "SSIM core"), ("ssim3d
                ("gmsd", "GMSD"), ("checker", "Checkerboard")]
 # the reference rows (unit.evaluation.REFERENCES), first in every table
 REF_LABEL = {"identity": "identity (input as output)", "inverted": "inverted input (1 - x inside its support)",
-             "lut": f"intensity LUT ({LUT_BINS} bins, fit on the training split)"}
+             "lut": f"intensity LUT ({LUT_BINS} bins, fit on the training split)",
+             "inverted_level": "inverted input, level matched", "lut_level": "intensity LUT, level matched"}
 REF_NOTE = ("Reference rows: no network. inverted: 1 - input where the input is nonzero (uses neither training nor "
             "target); intensity LUT: E[target | input intensity] over the training split's brain voxels, applied where "
             "the input is nonzero; SSIM core: SSIM on the brain mask eroded by 5 px, windows that never reach the "
@@ -478,6 +479,9 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=("test", "val"), help="score the test split (the report) or the "
                    "validation split (where variants and settings are chosen; data/prepare.py --split with \"val\")")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--match-level", action="store_true", help="score every translated volume with its brain level "
+                   "(mean) moved to the training split's mean level of the target contrast, and add the inverted input "
+                   "and the LUT treated alike as reference rows (uses no pair; unit.evaluation.match_level)")
     v = p.add_argument_group("whole volumes (NIfTI source trees, see data/README.md)")
     v.add_argument("--volumes", metavar="SRC", help="translate the test subjects of this source tree (one checkpoint)")
     v.add_argument("--layout", help="layout of SRC: hcp, brats, ixi or folders")
@@ -492,6 +496,7 @@ def main(argv=None):
         raise UserError("--volumes, --save-images and --attention-maps take one checkpoint; run evaluate.py once "
                         "per checkpoint")
     slice_only = [f for f, v in (("--figure", args.figure), ("--spectra", args.spectra), ("--csv", args.csv),
+                                 ("--match-level", args.match_level),
                                  ("--save-images", args.save_images), ("--attention-maps", args.attention_maps)) if v]
     if args.volumes and slice_only:
         raise UserError(f"{', '.join(slice_only)}: these are for the prepared test slices, not for --volumes; run "
@@ -544,9 +549,9 @@ def main(argv=None):
               f"sn={cfg['sn']} charbonnier={cfg['charbonnier']} width={cfg['width']} channels={cfg['channels']}"
               + (f" context={cfg['context']}" if cfg["context"] else ""),
               flush=True)
-        refs = refs or reference_scores(data, args.limit, args.split)          # the same for every checkpoint
+        refs = refs or reference_scores(data, args.limit, args.split, args.match_level)   # the same for every checkpoint
         res, stacks = evaluate(model, data, args.device, cfg["channels"], args.batch_size, args.limit, refs,
-                               args.split, cfg["context"])
+                               args.split, cfg["context"], args.match_level)
         rows.append({"ckpt": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "config": cfg, "res": res,
                      "slices": stacks.pop("slices"), "subjects": stacks.pop("subjects")})
         if idx is None and (args.figure or args.attention_maps):
@@ -572,6 +577,10 @@ def main(argv=None):
     if data.meta["source"] == "phantom" and "oracle" not in rows[0]["res"]:
         print(f"note: {data_path} was prepared before the phantom stored its noiseless test targets, so there is "
               f"no oracle row; prepare it again (data/prepare.py phantom ... --overwrite) to see it")
+    if args.match_level:
+        lv = rows[0]["res"]["levels"]
+        print(f"--match-level: every translation (and the rows 'level matched') has each volume's brain level moved to "
+              f"the training split's mean, T1w {lv['T1']:.3f}, T2w {lv['T2']:.3f}")
     cols = columns(data)
     for r in rows:                    # each against the strongest reference row of every brain metric
         r["versus"] = versus_references(r["subjects"], r["res"])

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unit import UserError, checkpoint, variants
 from unit.checkpoint import build_model
 from unit.data import load_prepared, prepare_phantom
-from unit.evaluation import eval_split, evaluate, has_brain_mask, reference_scores
+from unit.evaluation import eval_split, evaluate, has_brain_mask, reference_scores, training_levels
 from unit.figures import sample_grid
 from unit.hardware import join_processes
 from unit.io import release, write_text
@@ -235,10 +235,12 @@ def get_data(cfg, hw):
             prepare_phantom(cfg["data"], size=(h, w))
         data = load_prepared(cfg["data"])
     cfg["size"] = list(data.shape)
-    # how the training slices were made, for translate.py on new scans (the checkpoint needs no data folder)
+    # how the training slices were made, for translate.py on new scans (the checkpoint needs no data folder); levels:
+    # each contrast's mean brain level over the training volumes, what translate.py --match-level moves a volume to
     m = data.meta
     cfg["prep"] = {"layout": m["layout"], "percentiles": (m.get("normalization") or {}).get("percentiles"),
-                   "mask_rule": LAYOUT_MASK_RULE.get(m["layout"]), "spacing": m.get("spacing")}
+                   "mask_rule": LAYOUT_MASK_RULE.get(m["layout"]), "spacing": m.get("spacing"),
+                   "levels": training_levels(data) if data.paired and len(data.train_t1) else None}
     if not size_ok(*cfg["size"]):
         raise UserError(f"{cfg['data']} has {cfg['size'][0]}x{cfg['size'][1]} slices; the model needs both sides "
                         f"multiples of 4 and at least 64: prepare it again with data/prepare.py --size")

@@ -19,7 +19,10 @@ A volume goes through the steps of data/prepare.py and back:
   5. 0 outside the brain where the brain is known: --mask, or IN's nonzero voxels when the training data
      was skull-stripped (the checkpoint's mask rule "nonzero"): the synthetic scan has the input's
      background (--keep-background: the network's raw output there);
-  6. written on IN's grid: IN's shape, affine and header, float32 values in [0, 1] (the model's
+  6. --match-level only: the translated brain shifted so that its mean is the training volumes' mean brain level
+     of the target contrast (the checkpoint's "prep" "levels"; evaluate.py --match-level scores it), then clipped
+     to [0, 1]: a volume's own level is set by its normalisation, which the network cannot see from its slices;
+  7. written on IN's grid: IN's shape, affine and header, float32 values in [0, 1] (the model's
      normalised scale: a synthetic image has no scanner units).
 Direction: --to t2 (IN is T1w) or --to t1 (IN is T2w); without --to it is read from IN's file name
 (T1, T1w, t1n -> t2; T2, T2w -> t1), and a name that says neither is refused.
@@ -35,7 +38,7 @@ import torch
 from unit import UserError
 from unit.checkpoint import load_model
 from unit.data import DataError
-from unit.evaluation import stack_rows, translate
+from unit.evaluation import match_level, stack_rows, translate
 from unit.geometry import (SliceGeometry, axial_display, central_slices, resample_inplane, slices_to_volume,
                            to_canonical)
 from unit.io import make_folder, refuse_existing, write_nifti, write_png
@@ -128,6 +131,8 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
         if cfg["context"]:
             raise UserError(f"this checkpoint was trained with --context {cfg['context']}: it translates a slice with "
                             f"its neighbours, which a PNG ({src_path}) does not have; give it the NIfTI volume")
+        if args.match_level:
+            raise UserError(f"--match-level sets the level of a whole volume, and {src_path} is one slice; drop the flag")
         img = read_png(src_path)                                         # (H, W) in [0, 1], as prepare.py
         out = run_model(model, cfg, img[None], src, args.device, args.batch_size, f"{direction} slice")[0]
         write_png(dst_path, Image.fromarray(np.round(out * 255).astype(np.uint8)))
@@ -151,6 +156,15 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     fn = lambda s: run_model(model, cfg, s, src, args.device, args.batch_size, f"{direction} slices")
     out = translate_volume(fn, vol, affine, mask, pct, rule, spacing, what=src_path,
                            keep_background=args.keep_background)
+    if args.match_level:                                # step 6
+        level, brain = (prep.get("levels") or {}).get(to.upper()), brain_outline(vol, mask, rule)
+        if level is None:
+            raise UserError(f"--match-level: {args.ckpt} records no training level (trained before they were "
+                            f"recorded, or on unpaired data); drop the flag")
+        if brain is None:
+            raise UserError(f"--match-level needs the brain of {src_path}: pass --mask (the training data's mask rule, "
+                            f"{rule}, outlines the head)")
+        out = match_level(out, brain, np.zeros(len(out)), level).numpy()
     cut = brain_outline(vol, mask, rule) is not None and not args.keep_background
     hdr = header.copy()
     hdr.set_data_dtype(np.float32)
@@ -160,7 +174,8 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     print(f"wrote {dst_path} ({direction}; shape {tuple(shape)}, {src_path}'s affine and header; mask: "
           f"{'--mask' if mask_path else rule}{', 0 outside it' if cut else ''}; normalisation: percentiles "
           f"{pct[0]:g}, {pct[1]:g} of the mask; "
-          + (f"resampled in-plane to the model's {spacing:g} mm and back)" if spacing else "IN's own spacing)"))
+          + (f"resampled in-plane to the model's {spacing:g} mm and back" if spacing else "IN's own spacing")
+          + (f"; brain level matched to {prep['levels'][to.upper()]:.3f})" if args.match_level else ")"))
 
 
 def main(argv=None):
@@ -173,6 +188,8 @@ def main(argv=None):
     p.add_argument("--mask", metavar="M", help="brain mask NIfTI on IN's grid (default: the training data's rule)")
     p.add_argument("--keep-background", action="store_true", help="keep the network's output outside the brain "
                    "(default: 0 there, like the input, when the mask is --mask or a skull-stripped input's)")
+    p.add_argument("--match-level", action="store_true", help="shift the translated brain so that its mean is the "
+                   "training volumes' mean level of the target contrast (as evaluate.py --match-level scores)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (or the files it would write in an OUT "

@@ -44,7 +44,8 @@ COLUMNS_ALL = [("ssim_mask", "SSIM brain", "{:.3f}"), ("ssim_core", "SSIM core",
                ("checker", "Checkerboard", "{:.4f}")]
 # the reference rows (unit.evaluation.REFERENCES), first in the table: the rows a translator has to beat
 REFERENCE_ROWS = [("identity", "identity (input as output)"), ("inverted", "inverted input (1 - x inside the brain)"),
-                  ("lut", "intensity LUT (fit on the training split)")]
+                  ("lut", "intensity LUT (fit on the training split)"),
+                  ("inverted_level", "inverted input, level matched"), ("lut_level", "intensity LUT, level matched")]
 
 
 def prepare(src, data, split_file):
@@ -112,9 +113,9 @@ def sd(values, fmt):
     return fmt.format((sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5).lstrip("+")
 
 
-def write_table(out, found, res, text, figure, split_file, split="test"):
-    """OUT/realmri.md (OUT/realmri-val.md for the validation split): the reference rows first (identity, inverted
-    input, intensity LUT), one row per run (means over patients, the brain SSIM with its 95% t-interval), per
+def write_table(out, found, res, text, figure, split_file, split="test", suffix=""):
+    """OUT/realmri<suffix>.md (suffix "-val" for the validation split, "-level" for --match-level): the reference rows
+    first (identity, inverted input, intensity LUT; with --match-level those two level matched as well), one row per run (means over patients, the brain SSIM with its 95% t-interval), per
     variant with several seeds its mean and, on a line of its own, the sd over seeds; then each run against the
     strongest reference row of every brain metric (paired over patients), and how it was made."""
     refs = next(iter(res.values()))["res"]
@@ -125,8 +126,12 @@ def write_table(out, found, res, text, figure, split_file, split="test"):
              "", f"{what}: {refs['subjects']} patients ({refs['n']} slices of 112x96 at 2 mm; "
              f"{os.path.relpath(split_file, ROOT)}), scores = means over patients; [95% t-interval over patients]. "
              f"T1 = T2w->T1w vs the real T1w, T2 = T1w->T2w vs the real T2w; brain = the skull-stripped patient's "
-             f"nonzero voxels; core = the brain eroded by 5 px (SSIM without the brain's outline). Machine: "
-             f"{machine()}; torch {torch.__version__}.", "",
+             f"nonzero voxels; core = the brain eroded by 5 px (SSIM without the brain's outline)."
+             + ("" if "levels" not in refs else
+                f" **Level matched** (--match-level): every translated volume, and the rows 'level matched', shifted so "
+                f"that its brain mean is the training split's mean brain level of the target contrast (T1w "
+                f"{refs['levels']['T1']:.3f}, T2w {refs['levels']['T2']:.3f}; no pair used).")
+             + f" Machine: {machine()}; torch {torch.__version__}.", "",
              f"| run | steps | wall time | {head} |", "|---" * (3 + 2 * len(columns)) + "|"]
     for name, label in REFERENCE_ROWS:
         if name in refs:
@@ -175,7 +180,7 @@ def write_table(out, found, res, text, figure, split_file, split="test"):
                   "absolute error under each translation (0-0.25). BraTS 2018 data: Menze et al., IEEE TMI 2015; "
                   "Bakas et al., Nature Scientific Data 2017."]
     lines += ["", "## evaluate.py's output", "", "```", text.strip(), "```", ""]
-    path = os.path.join(out, "realmri.md" if split == "test" else "realmri-val.md")
+    path = os.path.join(out, f"realmri{suffix}.md")
     write_text(path, "\n".join(lines))
     return path
 
@@ -201,6 +206,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="seeds 0 .. N-1 (default 2)")
     p.add_argument("--score", default="test", choices=("test", "val"), help="the split the table scores: test (the "
                    "report) or val (the validation patients, where variants and settings are chosen)")
+    p.add_argument("--match-level", action="store_true", help="score with evaluate.py --match-level (each translated "
+                   "volume's brain level moved to the training targets' mean; the reference rows also so) into "
+                   "OUT/realmri-level.md (realmri-val-level.md with --score val)")
     p.add_argument("--split", default=SPLIT, help="the subjects of each split (default: the committed "
                                                   "experiments/realmri-split.json)")
     p.add_argument("--figure-subjects", help="test patients shown in OUT/realmri.png, comma-separated (default: 3 "
@@ -225,13 +233,14 @@ def main(argv=None):
     found = runs_of(args.out)
     ckpts = [pth for runs_ in found.values() for _, pth in runs_]
     seed0 = [runs_[0][1] for runs_ in found.values()]
-    suffix = "" if args.score == "test" else "-val"
+    suffix = ("" if args.score == "test" else "-val") + ("-level" if args.match_level else "")
+    level = ["--match-level"] if args.match_level else []
     figure = os.path.join(args.out, f"realmri{suffix}.png")
-    res, _, text = evaluate_all(ckpts, os.path.join(args.out, f"table{suffix}.json"), ["--split", args.score])
+    res, _, text = evaluate_all(ckpts, os.path.join(args.out, f"table{suffix}.json"), ["--split", args.score, *level])
     intervals(res.values())
-    run([sys.executable, "evaluate.py", *seed0, "--figure", figure, "--overwrite", "--split", args.score] +
+    run([sys.executable, "evaluate.py", *seed0, "--figure", figure, "--overwrite", "--split", args.score, *level] +
         (["--subjects", args.figure_subjects] if args.figure_subjects else []), log=True)
-    path = write_table(args.out, found, res, text, figure, args.split, args.score)
+    path = write_table(args.out, found, res, text, figure, args.split, args.score, suffix)
     print(f"wrote {path} and {figure}")
     return path
 

@@ -106,7 +106,8 @@ def evaluate_all(ckpts, out_json, extra=()):
     with open(out_json) as f:
         js = json.load(f)
     if "checkpoints" not in js:                            # one checkpoint: evaluate.py's flat format
-        keys = ("n", "subjects", "T1", "T2", "identity", "inverted", "lut", "target", "oracle", "reference_per_subject")
+        keys = ("n", "subjects", "T1", "T2", "identity", "inverted", "lut", "inverted_level", "lut_level", "levels",
+                "target", "oracle", "reference_per_subject")
         js = {"checkpoints": [{"ckpt": js["ckpt"], "epoch": js["epoch"], "step": js["step"], "config": js["config"],
                                "res": {k: js[k] for k in keys if k in js}, "per_subject": js["per_subject"],
                                "versus": js["versus"]}]}

@@ -7,9 +7,10 @@ so a patient's brain level in one contrast depends on its own brightest tissue (
 T2w volume's level relates to the same patient's T1w level can only be learnt from pairs, which UNIT never sees.
 This prints, per patient, the brain level of the target and of each prediction, then the brain scores as
 translated and after "level matching": each predicted volume shifted so that its brain mean (over the input's
-nonzero voxels) is the mean brain level of the training split's target volumes, then clipped to [0, 1]. That uses
-no pair and no target of the scored patient, only the target contrast's training volumes (as a user could), and
-it is applied to the reference rows (inverted input, intensity LUT) too. T1 = T2w->T1w, T2 = T1w->T2w; on the
+nonzero voxels) is the mean brain level of the training split's target volumes, then clipped to [0, 1]
+(unit.evaluation.match_level, as evaluate.py --match-level scores). That uses no pair and no target of the scored
+patient, only the target contrast's training volumes (as a user could), and it is applied to the reference rows
+(inverted input, intensity LUT) too. T1 = T2w->T1w, T2 = T1w->T2w; on the
 validation patients by default (where choices are made). docs/realmri.md.
 """
 import os
@@ -19,42 +20,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unit.evaluation import diagnostic_args, means, per_slice, split_predictions, subject_scores  # noqa: E402
+from unit.evaluation import (diagnostic_args, match_level, means, per_slice, split_predictions,  # noqa: E402
+                             subject_scores, training_levels, volume_levels)
 
 SCORES = (("ssim_mask", "brain SSIM", "{:.3f}"), ("ssim_core", "core SSIM", "{:.3f}"),
           ("psnr_mask", "PSNR brain dB", "{:.2f}"), ("mae_mask", "MAE brain", "{:.3f}"))
-
-
-def volume_levels(images, support, ids):
-    """{subject: mean of images (N, H, W) over its slices' support (N, H, W) bool}, in the order subjects first
-    appear."""
-    images, support, ids = np.asarray(images, np.float64), np.asarray(support, bool), np.asarray(ids)
-    return {s: float(images[ids == s][support[ids == s]].mean()) for s in dict.fromkeys(ids)}
-
-
-def match_level(pred, support, ids, level):
-    """pred (N, H, W) in [0, 1] with each subject's voxels inside support shifted by one constant so that their
-    mean is `level`, then clipped to [0, 1]; voxels outside support unchanged. A float32 torch tensor."""
-    out = torch.as_tensor(np.asarray(pred, np.float32)).clone()
-    support, ids = torch.as_tensor(np.asarray(support, bool)), np.asarray(ids)
-    for s, now in volume_levels(out, support, ids).items():
-        on = torch.as_tensor(ids == s)[:, None, None] & support
-        out[on] = (out[on] + (level - now)).clamp(0, 1)
-    return out
-
-
-def training_level(images, mask, ids):
-    """The mean over the training subjects of their brain levels (volume_levels inside mask)."""
-    return float(np.mean(list(volume_levels(images, np.asarray(mask) > 0, ids).values())))
 
 
 def main(argv=None):
     args, models, data, (t1, t2, mask, ids) = diagnostic_args(__doc__.split("\n")[0], argv)
     if mask is None:
         sys.exit(f"{data.path}: no brain masks, so no brain scores")
-    train_ids = data.meta["slice_subject"]["train"]
-    level = {"T1": training_level(data.train_t1, data.train_mask, train_ids),
-             "T2": training_level(data.train_t2, data.train_mask, train_ids)}
+    level = training_levels(data)
     real = {"T1": torch.as_tensor(np.asarray(t1, np.float32)), "T2": torch.as_tensor(np.asarray(t2, np.float32))}
     support = {"T1": real["T2"] > 0, "T2": real["T1"] > 0}               # the input's nonzero voxels
     mask = torch.as_tensor(np.asarray(mask) > 0)

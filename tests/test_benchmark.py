@@ -63,8 +63,15 @@ def test_benchmark_table_skip_and_variant_names(tmp_path):
         ref, d, lo, hi = t["versus"]["T2"]["ssim_mask"]
         assert f"{d:.3f} [{lo:.3f}, {hi:.3f}] vs {ref}" in row
     assert "| real targets |" in md and "Menze" in md and os.path.isfile(os.path.join(out, "realmri.png"))
-    # again: nothing to train, the same table; the same name with other flags is refused
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # again, --match-level: nothing to train; the level-matched table beside the first, whose translations and extra
+    # reference rows have each patient's brain mean at the training targets' mean level
+    again = cmd[:cmd.index("--")] + ["--match-level"] + cmd[cmd.index("--"):]
+    r = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and r.stdout.count("skipped") == 2, r.stdout[-2000:]
+    md = open(os.path.join(out, "realmri-level.md")).read()
+    js = json.load(open(os.path.join(out, "table-level.json")))["checkpoints"][0]["res"]
+    assert "| intensity LUT, level matched |" in md and "| inverted input, level matched |" in md and "Level matched" in md
+    assert f"T1w {js['levels']['T1']:.3f}" in md and 0 < js["levels"]["T1"] < 1
+    assert os.path.getmtime(os.path.join(out, "realmri.md")) < os.path.getmtime(os.path.join(out, "realmri-level.md"))
     r = subprocess.run(cmd[:-2] + ["--max-steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 2 and "variant default of" in r.stderr and "another --name" in r.stderr

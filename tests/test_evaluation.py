@@ -306,14 +306,12 @@ def test_ssim_parts_multiply_to_the_core_ssim_evaluate_reports():
 
 
 def test_volume_level_matching_removes_a_per_patient_offset_and_nothing_else():
-    """experiments/volume_level.py: a prediction that is the target plus one offset per patient (inside the brain)
-    becomes the target again when each patient's brain mean is moved to the targets' common level; the voxels
-    outside the support stay as they were; the training level is the mean of the patients' levels (not of their
-    pooled voxels, which would weigh a large brain more)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("volume_level", os.path.join(ROOT, "experiments", "volume_level.py"))
-    vl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vl)
+    """match_level (evaluate.py --match-level): a prediction that is the target plus one offset per patient (inside
+    the brain) becomes the target again when each patient's brain mean is moved to the targets' common level; the
+    voxels outside the support stay as they were; training_levels is the mean of the training patients' levels (not
+    of their pooled voxels, which would weigh a large brain more)."""
+    from types import SimpleNamespace
+    from unit.evaluation import match_level, training_levels, volume_levels
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     support = torch.stack([(yy - 16) ** 2 + (xx - 16) ** 2 < r * r for r in (12, 14, 9, 13, 11)])
@@ -324,13 +322,15 @@ def test_volume_level_matching_removes_a_per_patient_offset_and_nothing_else():
         real[on] += 0.5 - real[on].double().mean().float()
     pred = real + torch.where(support, torch.tensor([0.12, 0.12, -0.08, -0.08, -0.08])[:, None, None], torch.zeros(()))
     pred[~support] = 0.25                                       # outside the brain: left alone
-    got = vl.match_level(pred, support, ids, 0.5)
+    got = match_level(pred, support, ids, 0.5)
     torch.testing.assert_close(got[support], real[support], atol=1e-5, rtol=0)
     assert torch.equal(got[~support], pred[~support])
-    assert vl.volume_levels(got, support, ids) == pytest.approx({"p": 0.5, "q": 0.5}, abs=1e-6)
+    assert volume_levels(got, support, ids) == pytest.approx({"p": 0.5, "q": 0.5}, abs=1e-6)
     # patient p at 0.2 on 2 small slices, q at 0.8 on 3 large ones: the level of the split is 0.5, not 0.8-ish
     flat = torch.where(torch.as_tensor(ids == "p")[:, None, None], 0.2, 0.8) * support
-    assert vl.training_level(flat, support, ids) == pytest.approx(0.5, abs=1e-6)
+    data = SimpleNamespace(meta={"slice_subject": {"train": list(ids)}}, train_t1=flat, train_t2=flat / 2,
+                           train_mask=support, path="x")
+    assert training_levels(data) == pytest.approx({"T1": 0.5, "T2": 0.25}, abs=1e-6)
 
 
 def test_context_stacks_stay_inside_each_volume_and_the_middle_translation_is_kept():

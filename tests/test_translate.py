@@ -106,6 +106,36 @@ def test_skull_stripped_input_keeps_its_background():
     assert (cut[own] == 0.5).all() and (cut[~own] == 0).all()
 
 
+def test_match_level_moves_the_brain_mean_to_the_checkpoints_level(tmp_path, ckpt):
+    """--match-level: inside the brain the output is the plain translation plus one constant (where neither is
+    clipped) and its mean is the training level the checkpoint recorded for the target contrast; outside it the
+    same as without the flag; a PNG slice, or a head-threshold input without --mask, is refused in one sentence."""
+    import torch
+    vol = head()
+    src, mpath = str(tmp_path / "sub_T1w.nii.gz"), str(tmp_path / "mask.nii.gz")
+    nib.Nifti1Image(vol, AFFINES["ras"]).to_filename(src)
+    brain = vol > 100
+    nib.Nifti1Image(brain.astype(np.uint8), AFFINES["ras"]).to_filename(mpath)
+    level = torch.load(ckpt, weights_only=False)["config"]["prep"]["levels"]["T2"]
+    outs = {}
+    for flag in ([], ["--match-level"]):
+        dst = str(tmp_path / f"out{len(flag)}.nii.gz")
+        assert T.main([ckpt, src, dst, "--mask", mpath, "--device", "cpu", *flag]) == 0
+        outs[len(flag)] = nib.load(dst).get_fdata()
+    plain, matched = outs[0], outs[1]
+    assert matched[brain].mean() == pytest.approx(level, abs=2e-3)
+    free = brain & (matched > 0) & (matched < 1) & (plain > 0) & (plain < 1)
+    shift = matched[free] - plain[free]
+    assert free.sum() > 0.9 * brain.sum() and shift.std() < 1e-5
+    np.testing.assert_array_equal(matched[~brain], plain[~brain])
+    with pytest.raises(UserError, match="--mask"):
+        T.main([ckpt, src, str(tmp_path / "x.nii.gz"), "--device", "cpu", "--match-level"])
+    png = str(tmp_path / "s_T1w.png")
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(png)
+    with pytest.raises(UserError, match="one slice"):
+        T.main([ckpt, png, str(tmp_path / "s.png"), "--device", "cpu", "--match-level"])
+
+
 def test_png_of_any_size_and_a_folder(tmp_path, ckpt):
     png = tmp_path / "slice_t2.png"
     Image.fromarray((np.random.default_rng(0).random((66, 75)) * 255).astype(np.uint8)).save(png)

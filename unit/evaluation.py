@@ -203,8 +203,9 @@ def test_split(data, limit=None, split="test"):
 
 
 # the reference rows a translator has to beat: no network, and neither target nor training (inverted) or only
-# the training split (lut); identity is there for scale (T1w and T2w have inverted contrast: a strawman)
-REFERENCES = ("identity", "inverted", "lut")
+# the training split (lut); identity is there for scale (T1w and T2w have inverted contrast: a strawman). With
+# level=True (evaluate.py --match-level) the inverted input and the LUT also come level matched (match_level)
+REFERENCES = ("identity", "inverted", "lut", "inverted_level", "lut_level")
 LUT_BINS = 64
 
 
@@ -234,7 +235,46 @@ def apply_lut(lut, x):
     return torch.where(x > 0, torch.from_numpy(lut).to(x.dtype)[b], torch.zeros_like(x))
 
 
-def reference_scores(data, limit=None, split="test"):
+def volume_levels(images, support, ids):
+    """{subject: mean of images (N, H, W) over its slices' support (N, H, W) bool}: each volume's brain level, in
+    the order its subject first appears in ids (one per slice)."""
+    ids, out = np.asarray(ids), {}
+    for s in dict.fromkeys(ids):                       # one subject at a time: a training split may not fit as float64
+        on = np.flatnonzero(ids == s)
+        out[s] = float(np.asarray(images[on], np.float64)[np.asarray(support[on], bool)].mean())
+    return out
+
+
+def match_level(pred, support, ids, level):
+    """pred (N, H, W) in [0, 1] with each subject's voxels inside support shifted by one constant so that their mean
+    is `level`, then clipped to [0, 1]; voxels outside support unchanged: a float32 tensor. Each prepared volume is
+    normalised on its own (its brain's percentiles to 0 and 1), so a patient's level in one contrast depends on its
+    own brightest tissue, and how it relates to the same patient's level in the other contrast is a matter of pairs,
+    which UNIT never sees: without them the least-squares guess is the target contrast's mean level
+    (training_levels). Needs whole volumes (slices of a subject together), not single slices."""
+    out = torch.as_tensor(np.asarray(pred, np.float32)).clone()
+    support, ids = torch.as_tensor(np.asarray(support, bool)), np.asarray(ids)
+    for s, now in volume_levels(out, support, ids).items():
+        on = torch.as_tensor(ids == s)[:, None, None] & support
+        out[on] = (out[on] + (level - now)).clamp(0, 1)
+    return out
+
+
+def training_levels(data):
+    """{"T1": level, "T2": level}: the mean over the training split's subjects of their brain levels
+    (volume_levels inside the training masks, else the nonzero voxels), per contrast: what match_level() moves a
+    translated volume to. Statistics of each target contrast alone: no pair is used."""
+    ids = data.meta["slice_subject"]["train"]
+    if not len(ids):
+        raise UserError(f"{data.path} has no training slices, whose mean brain level level matching needs")
+    out = {}
+    for c, images in (("T1", data.train_t1), ("T2", data.train_t2)):
+        m = data.train_mask if data.train_mask is not None else images
+        out[c] = float(np.mean(list(volume_levels(images, m, ids).values())))
+    return out
+
+
+def reference_scores(data, limit=None, split="test", level=False):
     """What evaluate() reports beside a model, which depends on the data alone (evaluate.py computes it once
     for several checkpoints), each as {"T1": means, "T2": means} like a model's:
     - "identity": each direction's input scored as its output (every metric but the checkerboard is symmetric,
@@ -245,8 +285,10 @@ def reference_scores(data, limit=None, split="test"):
     - "target": the real targets' checkerboard;
     - "oracle", on data with noiseless test targets (the phantom): those targets scored against the noisy ones,
       the best a translator can expect on this data (a model can beat it only by reproducing noise);
-    - "reference_per_subject": {row: {"T1"/"T2": {metric: [value or None per subject]}}} of identity, inverted and lut,
-      in subject_scores() order, for paired differences (reference_subjects() reads it back)."""
+    - with level=True, "inverted_level" and "lut_level": those two with each volume's brain level moved to the
+      training targets' (match_level, training_levels, kept as "levels"), as evaluate(level=True) does to a model;
+    - "reference_per_subject": {row: {"T1"/"T2": {metric: [value or None per subject]}}} of the rows above but the
+      target and the oracle, in subject_scores() order, for paired differences (reference_subjects() reads it back)."""
     t1, t2, mask, ids = test_split(data, limit, split)
     runs = volume_runs(data, ids)
     score = lambda pred, real: {**subject_scores(per_slice(pred, real, mask), ids),
@@ -260,7 +302,16 @@ def reference_scores(data, limit=None, split="test"):
         m = data.train_mask
         lut = {"T1": fit_lut(data.train_t2, data.train_t1, m), "T2": fit_lut(data.train_t1, data.train_t2, m)}
         subj["lut"] = {"T1": score(apply_lut(lut["T1"], t2), t1), "T2": score(apply_lut(lut["T2"], t1), t2)}
+    levels = training_levels(data) if level else None
+    if level:
+        on = lambda pred, src, c: match_level(pred, src > 0, ids, levels[c])
+        subj["inverted_level"] = {"T1": score(on(inverted(t2), t2, "T1"), t1), "T2": score(on(inverted(t1), t1, "T2"), t2)}
+        if "lut" in subj:
+            subj["lut_level"] = {"T1": score(on(apply_lut(lut["T1"], t2), t2, "T1"), t1),
+                                 "T2": score(on(apply_lut(lut["T2"], t1), t1, "T2"), t2)}
     refs = {row: {c: means(v) for c, v in by.items()} for row, by in subj.items()}
+    if level:
+        refs["levels"] = levels
     refs["target"] = {c: means(subject_scores({"checker": v}, ids))["checker"] for c, v in target.items()}
     if data.test_t1_clean is not None and split == "test":
         clean = {q: torch.from_numpy(np.asarray(a[:len(ids)], dtype=np.float32))
@@ -343,13 +394,15 @@ def eval_split(cfg, data, say):
     return split, scored
 
 
-def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test", context=0):
+def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None, split="test", context=0, level=False):
     """Scores for 'T1' (b->a vs real a) and 'T2' (a->b vs real b) on the test split (or split="val"), in
     float32 (no autocast: the number a paper reports), as means over its subjects (subject_scores: a subject
     pools its slices), with the
     reference_scores() of the data (pass refs to reuse them). Returns (results dict, stacks): stacks holds
     t1, t2 (real) and fake_t1, fake_t2, (n, H, W) on CPU, "slices": per_slice() of T1 and T2, and
-    "subjects": their subject_scores() (for paired differences). context: the model's --context."""
+    "subjects": their subject_scores() (for paired differences). context: the model's --context. level: each
+    translated volume's brain level moved to the training targets' (match_level; refs, if given, must have been
+    made with level=True too)."""
     t1, t2, mask, ids = test_split(data, limit, split)
     was_training = model.training
     model.eval()
@@ -358,12 +411,17 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None
     fake_t2 = translate(model, whole(t1, "t1"), "a", device, channels, batch_size, rows)
     fake_t1 = translate(model, whole(t2, "t2"), "b", device, channels, batch_size, rows)
     model.train(was_training)
+    refs = refs or reference_scores(data, limit, split, level)
+    if level and "levels" not in refs:
+        raise ValueError("evaluate(level=True) was given refs made without level=True (reference_scores)")
+    if level:
+        fake_t1 = match_level(fake_t1, t2 > 0, ids, refs["levels"]["T1"])
+        fake_t2 = match_level(fake_t2, t1 > 0, ids, refs["levels"]["T2"])
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
     runs = volume_runs(data, ids)
     subjects = {c: {**subject_scores(slices[c], ids), **volume_scores(fake, real, mask, ids, runs)}
                 for c, fake, real in (("T1", fake_t1, t1), ("T2", fake_t2, t2))}
-    res = {"n": len(ids), "subjects": len(set(ids)), "T1": means(subjects["T1"]), "T2": means(subjects["T2"]),
-           **(refs or reference_scores(data, limit, split))}
+    res = {"n": len(ids), "subjects": len(set(ids)), "T1": means(subjects["T1"]), "T2": means(subjects["T2"]), **refs}
     return res, {"t1": t1, "t2": t2, "fake_t1": fake_t1, "fake_t2": fake_t2, "slices": slices, "subjects": subjects}
 
 
