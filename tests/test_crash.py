@@ -151,7 +151,8 @@ def test_an_exception_in_the_loop_saves_the_last_finished_step_and_resumes_exact
     if name == "load_prepared":
         def faulty(path):
             d = load_prepared(path)
-            d.train_t1 = FailingArray(d.train_t1, n)
+            # get_data() first reads each training subject once (training_levels, the checkpoint's prep levels)
+            d.train_t1 = FailingArray(d.train_t1, n + len(dict.fromkeys(d.meta["slice_subject"]["train"])))
             return d
         monkeypatch.setattr(train, "load_prepared", faulty)
         raised = OSError

@@ -326,6 +326,9 @@ def test_volume_level_matching_removes_a_per_patient_offset_and_nothing_else():
     torch.testing.assert_close(got[support], real[support], atol=1e-5, rtol=0)
     assert torch.equal(got[~support], pred[~support])
     assert volume_levels(got, support, ids) == pytest.approx({"p": 0.5, "q": 0.5}, abs=1e-6)
+    none = support.clone()
+    none[2:] = False                                            # q without a brain voxel: no level, left as it is
+    assert torch.equal(match_level(pred, none, ids, 0.5)[2:], pred[2:])
     # patient p at 0.2 on 2 small slices, q at 0.8 on 3 large ones: the level of the split is 0.5, not 0.8-ish
     flat = torch.where(torch.as_tensor(ids == "p")[:, None, None], 0.2, 0.8) * support
     data = SimpleNamespace(meta={"slice_subject": {"train": list(ids)}}, train_t1=flat, train_t2=flat / 2,

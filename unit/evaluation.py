@@ -241,7 +241,8 @@ def volume_levels(images, support, ids):
     ids, out = np.asarray(ids), {}
     for s in dict.fromkeys(ids):                       # one subject at a time: a training split may not fit as float64
         on = np.flatnonzero(ids == s)
-        out[s] = float(np.asarray(images[on], np.float64)[np.asarray(support[on], bool)].mean())
+        v = np.asarray(images[on], np.float64)[np.asarray(support[on], bool)]
+        out[s] = float(v.mean()) if v.size else float("nan")          # no support voxel: no level
     return out
 
 
@@ -255,6 +256,8 @@ def match_level(pred, support, ids, level):
     out = torch.as_tensor(np.asarray(pred, np.float32)).clone()
     support, ids = torch.as_tensor(np.asarray(support, bool)), np.asarray(ids)
     for s, now in volume_levels(out, support, ids).items():
+        if np.isnan(now):
+            continue
         on = torch.as_tensor(ids == s)[:, None, None] & support
         out[on] = (out[on] + (level - now)).clamp(0, 1)
     return out
@@ -266,11 +269,11 @@ def training_levels(data):
     translated volume to. Statistics of each target contrast alone: no pair is used."""
     ids = data.meta["slice_subject"]["train"]
     if not len(ids):
-        raise UserError(f"{data.path} has no training slices, whose mean brain level level matching needs")
+        raise UserError(f"{data.path} has no training slices: level matching needs their mean brain level")
     out = {}
     for c, images in (("T1", data.train_t1), ("T2", data.train_t2)):
         m = data.train_mask if data.train_mask is not None else images
-        out[c] = float(np.mean(list(volume_levels(images, m, ids).values())))
+        out[c] = float(np.nanmean(list(volume_levels(images, m, ids).values())))
     return out
 
 
