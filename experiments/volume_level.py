@@ -10,8 +10,8 @@ translated and after "level matching": each predicted volume shifted so that its
 nonzero voxels) is the mean brain level of the training split's target volumes, then clipped to [0, 1]
 (unit.evaluation.match_level, as evaluate.py --match-level scores). That uses no pair and no target of the scored
 patient, only the target contrast's training volumes (as a user could), and it is applied to the reference rows
-(inverted input, intensity LUT) too. T1 = T2w->T1w, T2 = T1w->T2w; on the
-validation patients by default (where choices are made). docs/realmri.md.
+(inverted input, intensity LUT) too. T1 = T2w->T1w, T2 = T1w->T2w; on the validation patients by default (where
+choices are made). docs/realmri.md.
 """
 import os
 import sys
