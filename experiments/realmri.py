@@ -116,8 +116,9 @@ def sd(values, fmt):
 def write_table(out, found, res, text, figure, split_file, split="test", suffix=""):
     """OUT/realmri<suffix>.md (suffix "-val" for the validation split, "-level" for --match-level): the reference rows
     first (identity, inverted input, intensity LUT; with --match-level those two level matched as well), one row per
-    run (means over patients, the brain SSIM with its 95% t-interval), per variant with several seeds its mean and, on a line of its own, the sd over seeds; then each run against the
-    strongest reference row of every brain metric (paired over patients), and how it was made."""
+    run (means over patients, the brain SSIM with its 95% t-interval), per variant with several seeds its mean and,
+    on a line of its own, the sd over seeds; then each run against the strongest reference row of every brain metric
+    (paired over patients), and how it was made."""
     refs = next(iter(res.values()))["res"]
     columns = [col for col in COLUMNS_ALL if col[0] in refs["T1"]]     # 3-D SSIM: for subjects with whole volumes
     head = " | ".join(f"{n} T1 | {n} T2" for _, n, _ in columns)
