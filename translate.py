@@ -156,8 +156,9 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
     fn = lambda s: run_model(model, cfg, s, src, args.device, args.batch_size, f"{direction} slices")
     out = translate_volume(fn, vol, affine, mask, pct, rule, spacing, what=src_path,
                            keep_background=args.keep_background)
+    brain = brain_outline(vol, mask, rule)
     if args.match_level:                                # step 6
-        level, brain = (prep.get("levels") or {}).get(to.upper()), brain_outline(vol, mask, rule)
+        level = (prep.get("levels") or {}).get(to.upper())
         if level is None:
             raise UserError(f"--match-level: {args.ckpt} records no training level (trained before they were "
                             f"recorded, or on unpaired data); drop the flag")
@@ -165,7 +166,7 @@ def translate_file(model, cfg, src_path, dst_path, to, mask_path, args):
             raise UserError(f"--match-level needs the brain of {src_path}: pass --mask (the training data's mask rule, "
                             f"{rule}, outlines the head)")
         out = match_level(out, brain, np.zeros(len(out)), level).numpy()
-    cut = brain_outline(vol, mask, rule) is not None and not args.keep_background
+    cut = brain is not None and not args.keep_background
     hdr = header.copy()
     hdr.set_data_dtype(np.float32)
     img = nib.Nifti1Image(out.reshape(shape), affine, hdr)

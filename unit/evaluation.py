@@ -277,6 +277,18 @@ def training_levels(data):
     return out
 
 
+def reference_predictions(data, t1, t2):
+    """The reference rows' predictions for the slices t1, t2 (N, H, W) of a split, {row: {"T1": ..., "T2": ...}} in
+    [0, 1], T1 = T2w->T1w: "inverted" (inverted() of each direction's input) and, on paired data with a training
+    split, "lut" (apply_lut() of a fit_lut() on the training split's brain voxels, per direction)."""
+    rows = {"inverted": {"T1": inverted(t2), "T2": inverted(t1)}}
+    if data.paired and len(data.train_t1):
+        m = data.train_mask
+        lut = {"T1": fit_lut(data.train_t2, data.train_t1, m), "T2": fit_lut(data.train_t1, data.train_t2, m)}
+        rows["lut"] = {"T1": apply_lut(lut["T1"], t2), "T2": apply_lut(lut["T2"], t1)}
+    return rows
+
+
 def reference_scores(data, limit=None, split="test", level=False):
     """What evaluate() reports beside a model, which depends on the data alone (evaluate.py computes it once
     for several checkpoints), each as {"T1": means, "T2": means} like a model's:
@@ -299,19 +311,13 @@ def reference_scores(data, limit=None, split="test", level=False):
     target = {"T1": per_slice_checker(t1), "T2": per_slice_checker(t2)}
     ident = {**subject_scores(per_slice(t2, t1, mask), ids), **volume_scores(t2, t1, mask, ids, runs)}
     ident_checker = {c: subject_scores({"checker": target["T2" if c == "T1" else "T1"]}, ids) for c in ("T1", "T2")}
-    subj = {"identity": {c: {**ident, **ident_checker[c]} for c in ("T1", "T2")},
-            "inverted": {"T1": score(inverted(t2), t1), "T2": score(inverted(t1), t2)}}
-    if data.paired and len(data.train_t1):
-        m = data.train_mask
-        lut = {"T1": fit_lut(data.train_t2, data.train_t1, m), "T2": fit_lut(data.train_t1, data.train_t2, m)}
-        subj["lut"] = {"T1": score(apply_lut(lut["T1"], t2), t1), "T2": score(apply_lut(lut["T2"], t1), t2)}
+    subj = {"identity": {c: {**ident, **ident_checker[c]} for c in ("T1", "T2")}}
+    preds, real, src = reference_predictions(data, t1, t2), {"T1": t1, "T2": t2}, {"T1": t2, "T2": t1}
+    for row, pred in preds.items():
+        subj[row] = {c: score(pred[c], real[c]) for c in ("T1", "T2")}
     levels = training_levels(data) if level else None
-    if level:
-        on = lambda pred, src, c: match_level(pred, src > 0, ids, levels[c])
-        subj["inverted_level"] = {"T1": score(on(inverted(t2), t2, "T1"), t1), "T2": score(on(inverted(t1), t1, "T2"), t2)}
-        if "lut" in subj:
-            subj["lut_level"] = {"T1": score(on(apply_lut(lut["T1"], t2), t2, "T1"), t1),
-                                 "T2": score(on(apply_lut(lut["T2"], t1), t1, "T2"), t2)}
+    for row, pred in (preds.items() if level else ()):
+        subj[row + "_level"] = {c: score(match_level(pred[c], src[c] > 0, ids, levels[c]), real[c]) for c in ("T1", "T2")}
     refs = {row: {c: means(v) for c, v in by.items()} for row, by in subj.items()}
     if level:
         refs["levels"] = levels
@@ -345,13 +351,11 @@ def diagnostic_args(description, argv=None):
 
 def split_predictions(data, split, t1, t2, models):
     """What the diagnostics in experiments/ score on a split's slices t1, t2 (test_split()): {row: {"T1": (N, H, W),
-    "T2": ...}} in [0, 1], T1 = T2w->T1w. First the inverted input and the intensity LUT (fit on the training
-    split, as reference_scores() does), then, for each (name, (model, checkpoint)) of `models` (load_model()'s),
+    "T2": ...}} in [0, 1], T1 = T2w->T1w. First the inverted input and the intensity LUT (reference_predictions(),
+    as reference_scores() scores them), then, for each (name, (model, checkpoint)) of `models` (load_model()'s),
     its translations on the CPU (with --context, each slice's stack built over its whole volume)."""
-    lut = {"T1": fit_lut(data.train_t2, data.train_t1, data.train_mask),
-           "T2": fit_lut(data.train_t1, data.train_t2, data.train_mask)}
-    rows = {"inverted input": {"T1": inverted(t2), "T2": inverted(t1)},
-            "intensity LUT": {"T1": apply_lut(lut["T1"], t2), "T2": apply_lut(lut["T2"], t1)}}
+    refs = reference_predictions(data, t1, t2)
+    rows = {label: refs[row] for row, label in (("inverted", "inverted input"), ("lut", "intensity LUT")) if row in refs}
     for name, (model, ckpt) in models:
         ch, k = ckpt["config"]["channels"], ckpt["config"]["context"]
         near = context_rows(data, split, k, len(t1)) if k else None
@@ -415,9 +419,9 @@ def evaluate(model, data, device, channels, batch_size=16, limit=None, refs=None
     fake_t1 = translate(model, whole(t2, "t2"), "b", device, channels, batch_size, rows)
     model.train(was_training)
     refs = refs or reference_scores(data, limit, split, level)
-    if level and "levels" not in refs:
-        raise ValueError("evaluate(level=True) was given refs made without level=True (reference_scores)")
     if level:
+        if "levels" not in refs:
+            raise ValueError("evaluate(level=True) was given refs made without level=True (reference_scores)")
         fake_t1 = match_level(fake_t1, t2 > 0, ids, refs["levels"]["T1"])
         fake_t2 = match_level(fake_t2, t1 > 0, ids, refs["levels"]["T2"])
     slices = {"T1": per_slice(fake_t1, t1, mask), "T2": per_slice(fake_t2, t2, mask)}
