@@ -10,8 +10,13 @@ translated and after "level matching": each predicted volume shifted so that its
 nonzero voxels) is the mean brain level of the training split's target volumes, then clipped to [0, 1]
 (unit.evaluation.match_level, as evaluate.py --match-level scores). That uses no pair and no target of the scored
 patient, only the target contrast's training volumes (as a user could), and it is applied to the reference rows
-(inverted input, intensity LUT) too. T1 = T2w->T1w, T2 = T1w->T2w; on the validation patients by default (where
-choices are made). docs/realmri.md.
+(inverted input, intensity LUT) too. Two more scorings are measurements, not translators:
+- "spread x0.8": level matched, then every brain voxel 0.8 times as far from that level. A GAN draws with the
+  target's own spread; the least-squares guess from a prediction correlated rho with the target has rho times
+  that spread (regression to the mean), which PSNR and MAE reward and SSIM's contrast factor does not.
+- "target's own level": each volume shifted to its target's level (uses the target: what a translator of slices
+  without pairs cannot know).
+T1 = T2w->T1w, T2 = T1w->T2w; on the validation patients by default (where choices are made). docs/realmri.md.
 """
 import os
 import sys
@@ -23,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unit.evaluation import (diagnostic_args, match_level, means, per_slice, split_predictions,  # noqa: E402
                              subject_scores, training_levels, volume_levels)
 
+SPREAD = 0.8
 SCORES = (("ssim_mask", "brain SSIM", "{:.3f}"), ("ssim_core", "core SSIM", "{:.3f}"),
           ("psnr_mask", "PSNR brain dB", "{:.2f}"), ("mae_mask", "MAE brain", "{:.3f}"))
 
@@ -45,13 +51,20 @@ def main(argv=None):
         lv = {c: volume_levels(pred[c], support[c], ids) for c in ("T1", "T2")}
         print(f"| {name} | " + " | ".join(" ".join(f"{lv[c][s]:.3f}" for s in subjects) for c in ("T1", "T2")) + " |")
     print("\n| prediction | " + " | ".join(h for _, h, _ in SCORES) + " |\n|---|" + "---|" * len(SCORES))
+    own = {c: volume_levels(real[c], support[c], ids) for c in ("T1", "T2")}
     for name, pred in rows.items():
-        for how in ("as translated", "level matched"):
+        for how in ("as translated", "level matched", f"level matched, spread x{SPREAD}", "target's own level"):
             r = {}
             for c in ("T1", "T2"):
                 p = torch.as_tensor(np.asarray(pred[c], np.float32))
-                if how == "level matched":
+                if how.startswith("level matched"):
                     p = match_level(p, support[c], ids, level[c])
+                if how.startswith("level matched, spread"):
+                    p = torch.where(support[c], (level[c] + SPREAD * (p - level[c])).clamp(0, 1), p)
+                if how == "target's own level":
+                    for s in subjects:
+                        one = np.asarray(ids) == s
+                        p[one] = match_level(p[one], support[c][one], np.asarray(ids)[one], own[c][s])
                 r[c] = means(subject_scores(per_slice(p, real[c], mask), ids))
             print(f"| {name}, {how} | " + " | ".join(f"{fmt.format(r['T1'][k])} / {fmt.format(r['T2'][k])}"
                                                        for k, _, fmt in SCORES) + " |", flush=True)
