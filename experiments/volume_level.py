@@ -5,8 +5,9 @@
 The prepared scans are normalised per volume (the brain's 0.5 and 99.5 percentiles to 0 and 1, data/prepare.py),
 so a patient's brain level in one contrast depends on its own brightest tissue (tumour, oedema, CSF), and how a
 T2w volume's level relates to the same patient's T1w level can only be learnt from pairs, which UNIT never sees.
-This prints, per patient, the brain level of the target and of each prediction, then the brain scores as
-translated and after "level matching": each predicted volume shifted so that its brain mean (over the input's
+This prints, per patient, the brain level of the target and of each prediction and how correlated the patient's
+real T1w and T2w voxels are inside the brain (about -0.5 where T2w is close to an inverted T1w), then the brain
+scores as translated and after "level matching": each predicted volume shifted so that its brain mean (over the input's
 nonzero voxels) is the mean brain level of the training split's target volumes, then clipped to [0, 1]
 (unit.evaluation.match_level, as evaluate.py --match-level scores). That uses no pair and no target of the scored
 patient, only the target contrast's training volumes (as a user could), and it is applied to the reference rows
@@ -50,6 +51,12 @@ def main(argv=None):
     for name, pred in [("real target", real)] + list(rows.items()):
         lv = {c: volume_levels(pred[c], support[c], ids) for c in ("T1", "T2")}
         print(f"| {name} | " + " | ".join(" ".join(f"{lv[c][s]:.3f}" for s in subjects) for c in ("T1", "T2")) + " |")
+    # how far T2w is the inverse of T1w in each patient: the premise of the inverted input, and of a shared mapping
+    both = support["T1"] & support["T2"]
+    corr = [np.corrcoef(real["T1"][k].numpy(), real["T2"][k].numpy())[0, 1]
+            for k in (both & torch.as_tensor(np.asarray(ids) == s)[:, None, None] for s in subjects)]
+    print("\ncorrelation of the real T1w and T2w voxels inside the brain, per patient: " +
+          " ".join(f"{r:+.2f}" for r in corr))
     print("\n| prediction | " + " | ".join(h for _, h, _ in SCORES) + " |\n|---|" + "---|" * len(SCORES))
     own = {c: volume_levels(real[c], support[c], ids) for c in ("T1", "T2")}
     for name, pred in rows.items():
