@@ -43,39 +43,41 @@ def main(argv=None):
     support = {"T1": real["T2"] > 0, "T2": real["T1"] > 0}               # the input's nonzero voxels
     mask = torch.as_tensor(np.asarray(mask) > 0)
     rows = split_predictions(data, args.split, t1, t2, zip(args.ckpts, models))
-    subjects = list(dict.fromkeys(np.asarray(ids)))
+    ids = np.asarray(ids)
+    subjects = list(dict.fromkeys(ids))
+    own = {c: volume_levels(real[c], support[c], ids) for c in ("T1", "T2")}     # each target volume's level
     print(f"{args.split}: {len(subjects)} subjects; training split's mean brain level: T1w {level['T1']:.3f}, "
           f"T2w {level['T2']:.3f}\n")
     print("brain level per patient (" + ", ".join(subjects) + "), T1 then T2:\n")
     print("| prediction | T1 | T2 |\n|---|---|---|")
     for name, pred in [("real target", real)] + list(rows.items()):
-        lv = {c: volume_levels(pred[c], support[c], ids) for c in ("T1", "T2")}
+        lv = own if name == "real target" else {c: volume_levels(pred[c], support[c], ids) for c in ("T1", "T2")}
         print(f"| {name} | " + " | ".join(" ".join(f"{lv[c][s]:.3f}" for s in subjects) for c in ("T1", "T2")) + " |")
     # how far T2w is the inverse of T1w in each patient: the premise of the inverted input, and of a shared mapping
     both = support["T1"] & support["T2"]
     corr = [np.corrcoef(real["T1"][k].numpy(), real["T2"][k].numpy())[0, 1]
-            for k in (both & torch.as_tensor(np.asarray(ids) == s)[:, None, None] for s in subjects)]
+            for k in (both & torch.as_tensor(ids == s)[:, None, None] for s in subjects)]
     print("\ncorrelation of the real T1w and T2w voxels inside the brain, per patient: " +
           " ".join(f"{r:+.2f}" for r in corr))
+
+    def scorings(p, c):
+        """One direction's prediction p (N, H, W) as each row scores it: {how: prediction}."""
+        matched = match_level(p, support[c], ids, level[c])
+        oracle = p.clone()
+        for s in subjects:
+            one = ids == s
+            oracle[one] = match_level(p[one], support[c][one], ids[one], own[c][s])
+        spread = torch.where(support[c], (level[c] + SPREAD * (matched - level[c])).clamp(0, 1), matched)
+        return {"as translated": p, "level matched": matched, f"level matched, spread x{SPREAD}": spread,
+                "target's own level": oracle}
+
     print("\n| prediction | " + " | ".join(h for _, h, _ in SCORES) + " |\n|---|" + "---|" * len(SCORES))
-    own = {c: volume_levels(real[c], support[c], ids) for c in ("T1", "T2")}
     for name, pred in rows.items():
-        for how in ("as translated", "level matched", f"level matched, spread x{SPREAD}", "target's own level"):
-            r = {}
-            for c in ("T1", "T2"):
-                p = torch.as_tensor(np.asarray(pred[c], np.float32))
-                if how.startswith("level matched"):
-                    p = match_level(p, support[c], ids, level[c])
-                if how.startswith("level matched, spread"):
-                    p = torch.where(support[c], (level[c] + SPREAD * (p - level[c])).clamp(0, 1), p)
-                if how == "target's own level":
-                    for s in subjects:
-                        one = np.asarray(ids) == s
-                        p[one] = match_level(p[one], support[c][one], np.asarray(ids)[one], own[c][s])
-                r[c] = means(subject_scores(per_slice(p, real[c], mask), ids))
+        by = {c: scorings(torch.as_tensor(np.asarray(pred[c], np.float32)), c) for c in ("T1", "T2")}
+        for how in by["T1"]:
+            r = {c: means(subject_scores(per_slice(by[c][how], real[c], mask), ids)) for c in ("T1", "T2")}
             print(f"| {name}, {how} | " + " | ".join(f"{fmt.format(r['T1'][k])} / {fmt.format(r['T2'][k])}"
                                                        for k, _, fmt in SCORES) + " |", flush=True)
-
 
 if __name__ == "__main__":
     main()
