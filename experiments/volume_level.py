@@ -79,5 +79,6 @@ def main(argv=None):
             print(f"| {name}, {how} | " + " | ".join(f"{fmt.format(r['T1'][k])} / {fmt.format(r['T2'][k])}"
                                                        for k, _, fmt in SCORES) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()
