@@ -84,6 +84,8 @@ class Config:
     w_gan: float = opt(10.0, "weight of the GAN terms")
     d_patch: bool = opt(False, "a second head on each discriminator: a 1x1 conv on its H/8 features, a logit per 15x15-px "
                                "patch, its GAN loss added to the whole-image logits' (False = the poster's D)")
+    d_scales: int = opt(1, "discriminators per domain, each on the image halved once more (average-pooled): 2 = one "
+                           "at full size and one at half size, MUNIT's multi-scale D (1 = the poster's D)")
     w_kl: float = opt(0.1, "weight of the KL terms (codes of x_a, x_b)")
     w_rec: float = opt(100.0, "weight of image reconstruction x_aa ~ x_a, x_bb ~ x_b")
     w_kl_cyc: float = opt(0.1, "weight of the KL terms of the cycle codes")
@@ -189,6 +191,12 @@ def resolve_config(given, full, resume, world=1):
     return cfg, None, note
 
 
+def size_rule(d_scales):
+    """unit.model.size_ok's rule in words, for the errors."""
+    return "multiples of 4 and at least 64" + (f", and above {32 * 2 ** (d_scales - 1)} with --d-scales {d_scales} "
+                                               f"(its coarsest D needs more than 32 px a side)" if d_scales > 1 else "")
+
+
 def check_config(cfg, given):
     if cfg["data"] and "size" in given:
         raise UserError("--size sets the size of the built-in phantom and cannot be combined with --data; "
@@ -197,11 +205,11 @@ def check_config(cfg, given):
         h, w = (int(s) for s in str(cfg["size"]).lower().split("x"))
     except ValueError:
         raise UserError(f"--size {cfg['size']} is not HxW (e.g. 304x256)") from None
-    if not size_ok(h, w):
-        raise UserError(f"--size {h}x{w}: height and width must be multiples of 4 and at least 64")
-    for k in ("batch_size", "epochs", "width"):
+    for k in ("batch_size", "epochs", "width", "d_scales"):
         if cfg[k] < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+    if not size_ok(h, w, cfg["d_scales"]):
+        raise UserError(f"--size {h}x{w}: height and width must be {size_rule(cfg['d_scales'])}")
     if cfg["w_paired"] and cfg["data"] and data_meta(cfg["data"]).get("paired") is False:
         raise UserError(f"--w-paired {cfg['w_paired']:g} compares translations with the real images of the other "
                         f"contrast, and {cfg['data']} is not paired (meta.json: paired=false); drop the flag")
@@ -241,9 +249,9 @@ def get_data(cfg, hw):
     cfg["prep"] = {"layout": m["layout"], "percentiles": (m.get("normalization") or {}).get("percentiles"),
                    "mask_rule": LAYOUT_MASK_RULE.get(m["layout"]), "spacing": m.get("spacing"),
                    "levels": training_levels(data) if data.paired and len(data.train_t1) else None}
-    if not size_ok(*cfg["size"]):
+    if not size_ok(*cfg["size"], cfg["d_scales"]):
         raise UserError(f"{cfg['data']} has {cfg['size'][0]}x{cfg['size'][1]} slices; the model needs both sides "
-                        f"multiples of 4 and at least 64: prepare it again with data/prepare.py --size")
+                        f"{size_rule(cfg['d_scales'])}: prepare it again with data/prepare.py --size")
     return data
 
 

@@ -10,7 +10,7 @@ import torch
 from train import LOSS_NAMES, Config, make_optimizers, train_step
 from unit.attention import SelfAttention
 from unit.losses import STRUCT_EPS, charbonnier_loss, d_loss, g_loss, gan_loss, kl_loss, l1_loss, structure_loss
-from unit.model import PLACES, UNIT, attn_name, attn_places
+from unit.model import PLACES, UNIT, Discriminator, attn_name, attn_places, size_ok
 
 def one_step(model, opt_g, opt_d, x_a, x_b, cfg):
     """train.py's step outside its loop (no DDP; latent noise from torch's global RNG) -> losses dict."""
@@ -173,6 +173,43 @@ def test_patch_discriminator_heads_and_losses():
     before = model.dis_a.patch.weight.detach().clone()
     losses = one_step(model, *make_optimizers(model, cfg), torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1, cfg)
     assert all(math.isfinite(v) for v in losses.values()) and not torch.equal(model.dis_a.patch.weight, before)
+
+
+def test_multiscale_discriminator():
+    """--d-scales k: each D is k discriminators with weights of their own, the i-th judging the image average-pooled
+    (3x3 windows, stride 2, the mean over the pixels inside the image) i times; their logit maps are listed after the
+    full-size D's, whose maps are unchanged. The size rule (unit.model.size_ok) is the one the convs impose."""
+    torch.manual_seed(0)
+    plain, two = UNIT(width=4, down=1), UNIT(width=4, down=1, d_scales=2)
+    extra = set(two.state_dict()) - set(plain.state_dict())
+    assert extra == {f"dis_{d}.coarse.{k}" for d in "ab" for k in plain.dis_a.state_dict()}
+    two.load_state_dict({**plain.state_dict(), **{k: v for k, v in two.state_dict().items() if k in extra}})
+    two.double(), plain.double()
+    x = torch.rand(2, 1, 112, 96, dtype=torch.float64) * 2 - 1
+    full, half = two.dis_a.judge(x)
+    torch.testing.assert_close(full, plain.dis_a(x), rtol=0, atol=0)
+    # the half-size image, pooled here in numpy: NaN outside the image, the mean of each window's numbers
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)
+    pooled = np.nanmean(np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3)), axis=(-2, -1))
+    torch.testing.assert_close(half, two.dis_a.coarse(torch.from_numpy(pooled[:, :, ::2, ::2].copy())))
+    assert half.shape == (2, 1, 1, 1)
+    both = UNIT(width=4, down=1, d_patch=True, d_scales=2)     # patch heads at both scales: 4 maps
+    assert [m.shape[2:] for m in both.dis_b.judge(x.float())] == [(3, 2), (14, 12), (1, 1), (7, 6)]
+    for n in (64, 68, 128, 132):
+        for k in (1, 2, 3):
+            try:
+                Discriminator(1, 4, scales=k).judge(torch.zeros(1, 1, n, n))
+                runs = True
+            except RuntimeError:                                  # "Kernel size can't be greater than actual input"
+                runs = False
+            assert size_ok(n, n, k) == runs, (n, k)
+    # a training step trains the coarse D too
+    model, cfg = UNIT(width=4, d_scales=2), {**Config().__dict__, "d_scales": 2}
+    before = [p.detach().clone() for p in model.dis_b.coarse.parameters()]
+    losses = one_step(model, *make_optimizers(model, cfg), torch.rand(2, 1, 68, 68) * 2 - 1,
+                      torch.rand(2, 1, 68, 68) * 2 - 1, cfg)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert all(not torch.equal(p, b) for p, b in zip(model.dis_b.coarse.parameters(), before))
 
 
 def test_structure_loss_against_a_float64_recomputation():

@@ -123,6 +123,7 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     (["--attn", "encoder", "--size", "100x98"], "multiples of 4"),
     (["--data", "DATA", "--size", "64x64"], "cannot be combined"),
     (["--batch-size", "0"], "at least 1"),
+    (["--data", "DATA", "--d-scales", "2"], "above 64 with --d-scales 2"),
     (["--device", "gpu"], "not cpu, cuda"),
     (["--data", "DATA", "--out", "/proc/forbidden"], "cannot write"),
 ])

@@ -32,7 +32,7 @@ VERSION = 1
 # made before it did (which need not be today's default). A new Config field goes here too.
 ADDED_KEYS = {"upsample": "deconv", "amp": "fp32", "world_size": 1, "gan_loss": "bce", "lr_d": 0.0,
               "lr_decay": 0.0, "min_brain": 0.0, "max_minutes": 0.0, "prep": None, "save_minutes": 0.0,
-              "down": 2, "w_paired": 0.0, "w_struct": 0.0, "context": 0, "d_patch": False}
+              "down": 2, "w_paired": 0.0, "w_struct": 0.0, "context": 0, "d_patch": False, "d_scales": 1}
 
 
 def save(path, model, opt_g, opt_d, cfg, epoch, step, metrics, seconds=None, finished=False, saved_by=None):
@@ -88,7 +88,7 @@ def in_channels(cfg):
 def build_model(cfg):
     """The UNIT a config describes (config = the plain dict saved in every checkpoint)."""
     return UNIT(channels=in_channels(cfg), width=cfg["width"], attn=cfg["attn"], sn=cfg["sn"], upsample=cfg["upsample"],
-                down=cfg["down"], d_patch=cfg["d_patch"])
+                down=cfg["down"], d_patch=cfg["d_patch"], d_scales=cfg["d_scales"])
 
 
 def load_model(path, device="cpu"):

@@ -21,6 +21,7 @@ import argparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
@@ -34,10 +35,11 @@ PLACE_OF = {"enc_a": "encoder T1w", "enc_b": "encoder T2w", "gen_a": "generator 
             "dis_a": "discriminator T1w", "dis_b": "discriminator T2w"}
 
 
-def size_ok(h, w):
+def size_ok(h, w, d_scales=1):
     """The model halves the image twice and its discriminator five times: sides must be multiples
-    of 4 (so the generator gives the input size back) and at least 64."""
-    return h % 4 == 0 and w % 4 == 0 and min(h, w) >= 64
+    of 4 (so the generator gives the input size back) and at least 64; with d_scales k the coarsest
+    discriminator judges the image halved k - 1 times, which must keep more than 32 px a side."""
+    return h % 4 == 0 and w % 4 == 0 and min(h, w) >= 64 and min(h, w) > 32 * 2 ** (d_scales - 1)
 
 
 def place_of(layer):
@@ -146,9 +148,11 @@ class Discriminator(nn.Module):
     margins). With attn, a SelfAttention after the third conv (on the H/8 x W/8 grid: N = 1216 positions
     at 304x256), as SAGAN puts attention in its discriminator as well as its generator (--attn discriminator).
     With patch, a second head judges the same H/8 features with a 1x1 conv: a logit per 15x15-pixel
-    receptive field (14x12 of them at 112x96), next to the whole-image logits (2x2 px of the last conv's grid)."""
+    receptive field (14x12 of them at 112x96), next to the whole-image logits (2x2 px of the last conv's grid).
+    With scales k > 1 (MUNIT's multi-scale D), a copy with weights of its own (patch head and attention too)
+    judges the image average-pooled to half size, and so on: k discriminators, from full size to 1/2^(k-1)."""
 
-    def __init__(self, channels, w, attn=False, patch=False):
+    def __init__(self, channels, w, attn=False, patch=False, scales=1):
         super().__init__()
         layers, cin = [], channels
         for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w, 16 * w)):
@@ -161,13 +165,19 @@ class Discriminator(nn.Module):
         layers.append(nn.Conv2d(cin, 1, 2, 1, 0))
         self.net = nn.Sequential(*layers)
         self.patch = nn.Conv2d(4 * w, 1, 1) if patch else None
+        self.coarse = Discriminator(channels, w, attn, patch, scales - 1) if scales > 1 else None
 
     def judge(self, x):
-        """The logit maps the GAN losses sum over: [whole-image (B, 1, h, w)], and with patch [..., (B, 1, H/8, W/8)]."""
+        """The logit maps the GAN losses sum over: [whole-image (B, 1, h, w)], with patch [..., (B, 1, H/8, W/8)],
+        and with scales > 1 the coarser copies' maps after these (the image pooled 3x3, stride 2: (B, ch, H/2, W/2))."""
         if self.patch is None:
-            return [self.net(x)]
-        f = self.net[:self.tap](x)
-        return [self.net[self.tap:](f), self.patch(f)]
+            out = [self.net(x)]
+        else:
+            f = self.net[:self.tap](x)
+            out = [self.net[self.tap:](f), self.patch(f)]
+        if self.coarse is not None:
+            out += self.coarse.judge(F.avg_pool2d(x, 3, 2, 1, count_include_pad=False))
+        return out
 
     def forward(self, x):
         """The whole-image logits (B, 1, h, w)."""
@@ -203,7 +213,8 @@ class UNIT(nn.Module):
     """Two VAE-GANs sharing the last encoder block and the first generator block (the shared
     latent space). Domain a = T1w, domain b = T2w. Images in [-1, 1]."""
 
-    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv", down=2, d_patch=False):
+    def __init__(self, channels=1, width=64, attn="none", sn=False, upsample="deconv", down=2, d_patch=False,
+                 d_scales=1):
         super().__init__()
         if down not in DOWN_CHOICES:
             raise ValueError(f"down must be one of {DOWN_CHOICES}, got {down!r}")
@@ -214,7 +225,8 @@ class UNIT(nn.Module):
         self.enc_shared = ResBlock(8 * w, 8 * w)     # produces mu
         self.gen_shared = ResBlock(8 * w, 8 * w)
         self.gen_a, self.gen_b = (Generator(channels, w, ga, upsample, down), Generator(channels, w, ga, upsample, down))
-        self.dis_a, self.dis_b = Discriminator(channels, w, da, d_patch), Discriminator(channels, w, da, d_patch)
+        self.dis_a, self.dis_b = (Discriminator(channels, w, da, d_patch, d_scales),
+                                  Discriminator(channels, w, da, d_patch, d_scales))
         if sn:
             apply_spectral_norm(self)
 

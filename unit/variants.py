@@ -20,6 +20,7 @@ PARTS = [
     ("gan_loss", "bce", None, None),
     ("down", 2, "down{}", "latent at H/2"),
     ("d_patch", False, "dpatch", "+patch D"),
+    ("d_scales", 1, "dscales{}", "+{}-scale D"),
     ("w_struct", 0.0, "struct{}", "+structure x{}"),
     ("w_paired", 0.0, "paired{}", "+paired L1 x{} (supervised)"),
     ("context", 0, "ctx{}", "+{} neighbouring slices a side (2.5D)"),
