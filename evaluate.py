@@ -391,7 +391,7 @@ def draw_attention_maps(out_dir, model, cfg, data, idx, queries, device, split="
         judge = model.dis_b if src == "a" else model.dis_a
         with torch.no_grad(), attention_weights(model, points, (H, W)) as maps:
             y = model.translate(to_model(put[src], cfg["channels"], device), src)
-            judge(y)                                    # (1, 1, h, w) logits: only its attention is kept
+            judge.judge(y)                              # every scale's logits (--d-scales): only attention is kept
         out = from_model(y, k)[0].cpu().numpy()
         for m in maps:
             m["beta"] = m["beta"][0]                    # the one image of the batch: (Q, h, w)

@@ -194,7 +194,8 @@ def resolve_config(given, full, resume, world=1):
 def size_rule(d_scales):
     """unit.model.size_ok's rule in words, for the errors."""
     return "multiples of 4 and at least 64" + (f", and above {32 * 2 ** (d_scales - 1)} with --d-scales {d_scales} "
-                                               f"(its coarsest D needs more than 32 px a side)" if d_scales > 1 else "")
+                                               f"(its coarsest D needs more than 32 px a side; --d-scales 1 takes 64)"
+                                               if d_scales > 1 else "")
 
 
 def check_config(cfg, given):

@@ -164,3 +164,19 @@ def test_evaluate_figure_and_attention_maps(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "a2"), "--queries",
                         "10,99"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "outside the 64x64 image" in r.stderr
+
+
+def test_attention_maps_of_every_discriminator_scale(tmp_path):
+    """--attn discriminator --d-scales 2: each direction's maps include the half-size discriminator's attention
+    (it judges the translation too), on its own grid: 72 -> 36 -> 18 -> 9 at full size, 36 -> ... -> 5 at half."""
+    data = str(tmp_path / "phantom")
+    prepare_phantom(data, n_train=2, n_test=1, slices=1, size=(72, 72), seed=0, progress=False)
+    ckpt = train_tiny(data, tmp_path / "run", 1, "--attn", "discriminator", "--d-scales", "2")
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt, "--attention-maps", str(tmp_path / "att"), "--queries",
+                        "10,20"], cwd=ROOT, env={**os.environ, "UNIT_ATTN": "naive"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.load(open(tmp_path / "att" / "attention.json"))
+    assert [(m["layer"], m["place"], m["grid"], m["queries"]) for m in rec["layers"]["t1_to_t2"]] == [
+        ("dis_b.net.6", "discriminator T2w", [9, 9], [[1, 2]]),
+        ("dis_b.coarse.net.6", "discriminator T2w", [5, 5], [[0, 1]])]
