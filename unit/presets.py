@@ -9,9 +9,7 @@ are two, as the data asks for different things (measured on 2 cores; docs/realmr
   batch 2 and a learning rate of 6e-4 for G and 4x that for D (the discriminators barely learned at the
   phantom's settings), both rates falling linearly to 0 over the second half (CycleGAN's schedule: the last
   checkpoint varied less between seeds), a latent at H/2 (--down 1: translations keep more detail, at 2.3x
-  the time of a step), the structure term (--w-struct 30: translations keep their input's edges), two
-  discriminators per domain (--d-scales 2, the second on the half-size image: T2w->T1w core SSIM +0.011 to
-  +0.022 in 3 of 3 seeds, T1w->T2w level, at the same step time), 1800 steps
+  the time of a step), the structure term (--w-struct 30: translations keep their input's edges), 1800 steps
   (~25 min at ~1.25 it/s, its evaluation included), and a time guard that ends a slower machine's run at
   28 minutes, so a run takes at most ~30. Chosen on the benchmark's validation patients (issue 24; docs/realmri.md).
 """
@@ -22,7 +20,7 @@ import os
 CPU_PRESET = dict(size="96x80", width=8, batch_size=4, epochs=6, save_epochs="2,4,6", eval_every=2, save_minutes=10.0)
 # real scans (a dataset prepared from NIfTI)
 CPU_PRESET_SCANS = dict(width=8, batch_size=2, lr=6e-4, lr_d=2.4e-3, lr_decay=0.5, upsample="resize", down=1,
-                        w_struct=30.0, d_scales=2, max_steps=1800, max_minutes=28.0, eval_every=1, save_minutes=10.0)
+                        w_struct=30.0, max_steps=1800, max_minutes=28.0, eval_every=1, save_minutes=10.0)
 
 
 # measured on the benchmark's validation patients (docs/realmri.md): every run of the scans preset with spectral norm
