@@ -337,7 +337,7 @@ def test_resize_upsampling_with_sn_and_attention_round_trips(attn, tmp_path):
     y = m.translate(x, "a")
     assert y.shape == x.shape
     assert isinstance(m.gen_a.net[5], SelfAttention)                   # after the first upsampling, as deconv
-    cfg = {"channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize", "down": 2, "context": 0, "d_patch": False}
+    cfg = {**checkpoint.ADDED_KEYS, "channels": 1, "width": 4, "attn": attn, "sn": True, "upsample": "resize"}
     m2 = checkpoint.build_model(cfg).eval()
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.translate(x, "a"), y)
