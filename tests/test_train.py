@@ -43,6 +43,19 @@ def weights(path):
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def straight_and_resumed(flags, tmp_path, steps, first):
+    """`steps` steps in one run (tmp_path/straight), and `first` steps then --resume to `steps` (tmp_path/resumed),
+    each process with one thread (ONE_THREAD). Returns (the straight run's CompletedProcess, its folder, the
+    resumed run's folder)."""
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    r = run("train.py", *flags, "--out", str(a), "--max-steps", str(steps), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert run("train.py", *flags, "--out", str(b), "--max-steps", str(first), env=ONE_THREAD).returncode == 0
+    resumed = run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", str(steps), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    return r, a, b
+
+
 def test_cli_train_then_evaluate(tiny_data, tmp_path):
     out = tmp_path / "run"
     r = run("train.py", "--data", tiny_data, "--out", str(out), "--epochs", "2", "--save-epochs", "1,2", "--log-every",
@@ -89,11 +102,7 @@ def test_checkpoint_round_trip(tiny_data, tmp_path):
 def test_resume_is_exact(tiny_data, tmp_path):
     """2 steps + resume + 2 steps == 4 steps, bit for bit, on the CPU (with SN and attention)."""
     flags = ["--data", tiny_data, "--sn", "--attn", "encoder", *TINY, "--eval-every", "0"]
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    assert run("train.py", *flags, "--out", str(a), "--max-steps", "4", env=ONE_THREAD).returncode == 0
-    assert run("train.py", *flags, "--out", str(b), "--max-steps", "2", env=ONE_THREAD).returncode == 0
-    r = run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "4", env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    _, a, b = straight_and_resumed(flags, tmp_path, 4, 2)
     wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
     assert torch.load(b / "ckpt.pt", weights_only=True)["step"] == 4
     for k in wa:
@@ -301,12 +310,8 @@ def test_brain_slices_resume_exactly(tmp_path):
     assert np.array_equal(sampling.train_slices(d, t, "t1"), np.flatnonzero(area >= t))
     assert np.array_equal(sampling.train_slices(d, 0, "t2"), np.arange(len(area)))
     flags = ["--data", data, "--min-brain", str(t), *TINY, "--eval-every", "0"]
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    r = run("train.py", *flags, "--out", str(a), "--max-steps", "2", env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    r, a, b = straight_and_resumed(flags, tmp_path, 2, 1)
     assert f"{int((area >= t).sum())} training slices" in r.stdout
-    assert run("train.py", *flags, "--out", str(b), "--max-steps", "1", env=ONE_THREAD).returncode == 0
-    assert run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "2", env=ONE_THREAD).returncode == 0
     wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     r = run("train.py", "--data", tiny_data_of(tmp_path), "--out", str(tmp_path / "x"), "--min-brain", "0.1", *TINY)
@@ -338,10 +343,7 @@ def test_learning_rate_decay_follows_the_step_and_resumes_exactly(tiny_data, tmp
     assert [train.lr_factor(s, 8, 0.5) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     assert all(train.lr_factor(s, 8, 0) == 1 for s in range(8))
     flags = ["--data", tiny_data, *TINY, "--eval-every", "0", "--lr-decay", "0.5"]
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    assert run("train.py", *flags, "--out", str(a), "--max-steps", "4", env=ONE_THREAD).returncode == 0
-    assert run("train.py", *flags, "--out", str(b), "--max-steps", "2", env=ONE_THREAD).returncode == 0
-    assert run("train.py", "--resume", str(b / "ckpt.pt"), "--max-steps", "4", env=ONE_THREAD).returncode == 0
+    _, a, b = straight_and_resumed(flags, tmp_path, 4, 2)
     wa, wb = weights(a / "ckpt.pt"), weights(b / "ckpt.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ck = torch.load(a / "ckpt.pt", weights_only=True)                 # step 3 of 4 ran at half the rates
